@@ -1,0 +1,400 @@
+"""Datasets, train/validation splits, resumable batch iterators and character-level text.
+
+Everything here is NumPy on the host: images come back as float32 NHWC arrays, normalized, with int32
+labels; batches are drawn in an order fixed by `(seed, epoch)`, so a search stopped mid-epoch continues with
+exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tanglenas.registry import Registry
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's `dataset-fashion-mnist`
+FASHION_MNIST_FILES = {
+  "train_x": "train-images-idx3-ubyte.gz",
+  "train_y": "train-labels-idx1-ubyte.gz",
+  "test_x": "t10k-images-idx3-ubyte.gz",
+  "test_y": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_SUBDIR = "cifar-10-batches-py"
+CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)  # per channel, as DARTS and TangleNAS normalize
+CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class Dataset(NamedTuple):
+  """An image classification dataset: float32 NHWC images, int32 labels."""
+
+  train_x: np.ndarray
+  train_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  num_classes: int
+  name: str
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, *, limit: int | None = None,
+                 **options: Any) -> Dataset:
+  """Load a dataset by name: "fashion_mnist", "cifar10" or "synthetic".
+
+  Args:
+    name: registered dataset name; an unknown name raises listing the known ones.
+    data_dir: folder holding the files; Fashion-MNIST defaults to Debian's install location, CIFAR-10
+      has no default, "synthetic" reads nothing.
+    limit: keep only the first `limit` examples of each split (deterministic; for smoke runs).
+    **options: passed to the loader (only `synthetic_dataset` takes any).
+  """
+  dataset = DATASETS.get(name)(data_dir, **options)
+  if limit is None:
+    return dataset
+  if limit < 1:
+    raise ValueError(f"limit must be a positive number of examples, got {limit}")
+  return dataset._replace(train_x=dataset.train_x[:limit], train_y=dataset.train_y[:limit],
+                          test_x=dataset.test_x[:limit], test_y=dataset.test_y[:limit])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+  """Parse an IDX file (the MNIST/Fashion-MNIST format), gzip-compressed when its name ends in .gz."""
+  path = Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  shape = struct.unpack(f">{ndim}I", raw[4:header])
+  dtype = np.dtype(_IDX_DTYPES[raw[2]])
+  expected = math.prod(shape) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise ValueError(f"{path}: IDX header promises shape {shape} ({expected} bytes) but "
+                     f"{len(raw) - header} bytes follow")
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
+  """Fashion-MNIST (Xiao et al., 2017) from its four idx.gz files: 60k/10k 28x28 grey images, 10 classes.
+
+  Images are scaled to [0, 1] and normalized with the dataset's mean 0.2860 and std 0.3530 (the values
+  TangleNAS uses for its toy cell space); shape (N, 28, 28, 1).
+  """
+  root = FASHION_MNIST_DIR if data_dir is None else Path(data_dir)
+  paths = {split: root / file for split, file in FASHION_MNIST_FILES.items()}
+  for path in paths.values():
+    if not path.is_file():
+      raise FileNotFoundError(
+        f"Fashion-MNIST file {path} not found: run `apt-get install -y dataset-fashion-mnist` or pass "
+        f"data_dir= the folder holding {', '.join(FASHION_MNIST_FILES.values())}")
+  arrays = {split: read_idx(path) for split, path in paths.items()}
+  for split in ("train", "test"):
+    images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+      raise ValueError(f"Fashion-MNIST in {root}: {split} images {images.shape} and labels {labels.shape} "
+                       "do not pair up as (N, H, W) and (N,)")
+  return Dataset(
+    train_x=_normalize(arrays["train_x"][..., None], FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    train_y=arrays["train_y"].astype(np.int32),
+    test_x=_normalize(arrays["test_x"][..., None], FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    test_y=arrays["test_y"].astype(np.int32),
+    num_classes=10,
+    name="fashion_mnist",
+  )
+
+
+def load_cifar10(data_dir: str | Path) -> Dataset:
+  """CIFAR-10 (Krizhevsky, 2009) from the python-pickle batches of `cifar-10-python.tar.gz`.
+
+  `data_dir` is the folder holding `data_batch_1..5` and `test_batch`, or the one holding the unpacked
+  `cifar-10-batches-py/`. Images come back as (N, 32, 32, 3) float32, normalized per channel with the
+  usual CIFAR-10 mean and std. The batches are pickles: load only files you trust.
+  """
+  root = Path(data_dir)
+  if (root / CIFAR10_SUBDIR).is_dir():
+    root = root / CIFAR10_SUBDIR
+  files = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+  missing = [file for file in files if not (root / file).is_file()]
+  if missing:
+    raise FileNotFoundError(
+      f"CIFAR-10 batches {', '.join(missing)} not found in {root}: unpack cifar-10-python.tar.gz (the python "
+      "version) and pass data_dir= the folder holding data_batch_1..5 and test_batch")
+  train = [_read_cifar_batch(root / file) for file in CIFAR10_TRAIN_FILES]
+  test_x, test_y = _read_cifar_batch(root / CIFAR10_TEST_FILE)
+  return Dataset(
+    train_x=_normalize(np.concatenate([x for x, _ in train]), CIFAR10_MEAN, CIFAR10_STD),
+    train_y=np.concatenate([y for _, y in train]),
+    test_x=_normalize(test_x, CIFAR10_MEAN, CIFAR10_STD),
+    test_y=test_y,
+    num_classes=10,
+    name="cifar10",
+  )
+
+
+def synthetic_dataset(*, shape: Sequence[int] = (8, 8, 1), num_classes: int = 4, n_train: int = 256,
+                      n_test: int = 64, noise: float = 1.0, seed: int = 0) -> Dataset:
+  """A tiny learnable dataset for tests and CI: each class is a fixed random mean image plus Gaussian noise.
+
+  Classes are balanced (labels cycle through the classes, then are shuffled); the same seed gives the same
+  arrays. With the default noise the class means are far apart, so a nearest-mean classifier is near perfect.
+  """
+  if num_classes < 2 or n_train < num_classes or n_test < 1:
+    raise ValueError(f"synthetic dataset needs num_classes >= 2 and n_train >= num_classes, n_test >= 1; got "
+                     f"num_classes={num_classes}, n_train={n_train}, n_test={n_test}")
+  shape = tuple(shape)
+  means = np.random.default_rng((seed, 0)).normal(size=(num_classes, *shape))
+
+  def draw(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng((seed, stream))
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
+    images = means[labels] + noise * rng.normal(size=(n, *shape))
+    return images.astype(np.float32), labels
+
+  train_x, train_y = draw(n_train, 1)
+  test_x, test_y = draw(n_test, 2)
+  return Dataset(train_x, train_y, test_x, test_y, num_classes, "synthetic")
+
+
+DATASETS.register("fashion_mnist")(load_fashion_mnist)
+
+
+@DATASETS.register("synthetic")
+def _synthetic_anywhere(data_dir: str | Path | None, **options: Any) -> Dataset:
+  del data_dir  # generated, nothing to read
+  return synthetic_dataset(**options)
+
+
+@DATASETS.register("cifar10")
+def _cifar10_from_dir(data_dir: str | Path | None) -> Dataset:
+  if data_dir is None:
+    raise ValueError("cifar10 has no default location: pass data_dir= the folder holding data_batch_1..5 and "
+                     "test_batch (or the unpacked cifar-10-batches-py/)")
+  return load_cifar10(data_dir)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, "rb") as f:
+    batch = pickle.load(f, encoding="bytes")
+  if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+    raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')")
+  data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"], np.int32)
+  if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
+    raise ValueError(f"{path}: expected data [N, 3072] and labels [N], got {data.shape} and {labels.shape}")
+  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # rows are channel-major planes
+
+
+def _normalize(images_u8: np.ndarray, mean: float | Sequence[float], std: float | Sequence[float]) -> np.ndarray:
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return (images_u8.astype(np.float32) / 255.0 - mean) / std
+
+
+# --- splits and batches ---------------------------------------------------------------------------------
+def split_train_val(n: int, val_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Split `range(n)` into disjoint, covering, sorted (train_idx, val_idx) for bilevel search.
+
+  DARTS (Liu et al., ICLR 2019) and TangleNAS search with half of the training set for the weights and the
+  other half for the architecture; which half each example lands in is decided by `seed`.
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+  n_val = round(n * val_fraction)
+  if not 0 < n_val < n:
+    raise ValueError(f"cannot split {n} examples with val_fraction={val_fraction}: one side would be empty")
+  order = np.random.default_rng(seed).permutation(n)
+  return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class BatchIterator:
+  """Endless, resumable batches `(x_batch, y_batch, sample_ids)` over a pool of rows of `(x, y)`.
+
+  The pool is `indices` (all rows by default). Sample ids are *positions in the pool*, 0..len(indices)-1:
+  the numbering a data sampler keeps per-sample statistics in (PA&DA, Lu et al., CVPR 2023); row
+  `indices[id]` of `x` is the example. Each epoch visits the pool in the order
+  `np.random.default_rng((seed, epoch)).permutation(len(indices))`, unless `set_epoch_indices` gave an
+  explicit order (e.g. importance samples drawn with replacement). `state()` is a small JSON-able dict;
+  explicit orders are stored in it as lists, so `restore(state)` needs nothing re-supplied.
+  """
+
+  def __init__(self, x: np.ndarray, y: np.ndarray, indices: Sequence[int] | np.ndarray | None = None, *,
+               batch_size: int, seed: int, drop_last: bool = True):
+    if len(x) != len(y):
+      raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
+    self.x, self.y = x, y
+    self.indices = np.arange(len(x)) if indices is None else np.asarray(indices, np.int64)
+    if self.indices.ndim != 1 or (self.indices.size and not 0 <= self.indices.min() <= self.indices.max() < len(x)):
+      raise ValueError(f"indices must be a 1-D array of rows in [0, {len(x)})")
+    self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+    self._check_order_length(len(self.indices))
+    self.epoch, self.position = 0, 0
+    self._order: np.ndarray | None = None  # explicit order of the current epoch; None: seeded permutation
+    self._next_order: np.ndarray | None = None  # explicit order waiting for the next epoch
+    self._permutation: tuple[int, np.ndarray] | None = None  # cache: (epoch, permutation)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches in the current epoch (its explicit order's length decides, when one is set)."""
+    n = len(self.indices) if self._order is None else len(self._order)
+    return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = self._epoch_order()
+    ids = order[self.position:self.position + self.batch_size]
+    self.position += len(ids)
+    if len(order) - self.position < (self.batch_size if self.drop_last else 1):
+      self.epoch, self.position = self.epoch + 1, 0
+      self._order, self._next_order = self._next_order, None
+    return self.batch_from_indices(ids)
+
+  def batch_from_indices(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch of explicit sample ids (positions in the pool); does not move the iterator."""
+    ids = self._check_ids(ids)
+    rows = self.indices[ids]
+    return self.x[rows], self.y[rows], ids
+
+  def set_epoch_indices(self, ids: Sequence[int] | np.ndarray) -> None:
+    """Visit exactly these sample ids, in this order (repeats allowed), in the next epoch to start.
+
+    That is the current epoch when none of its batches has been drawn yet (position 0), else the following
+    one. The order is used once; later epochs go back to seeded permutations unless set again.
+    """
+    ids = self._check_ids(ids)
+    self._check_order_length(len(ids))
+    if self.position == 0:
+      self._order = ids
+    else:
+      self._next_order = ids
+
+  def state(self) -> dict[str, Any]:
+    """Where the iterator stands, as a JSON-able dict; "order" None means the seeded permutation."""
+    return {
+      "epoch": self.epoch,
+      "position": self.position,
+      "seed": self.seed,
+      "pool_size": len(self.indices),
+      "order": None if self._order is None else self._order.tolist(),
+      "next_order": None if self._next_order is None else self._next_order.tolist(),
+    }
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continue exactly where `state()` was taken, on an iterator built with the same data, pool and seed."""
+    if state["seed"] != self.seed or state["pool_size"] != len(self.indices):
+      raise ValueError(f"iterator state was saved with seed {state['seed']} over {state['pool_size']} samples; "
+                       f"this iterator has seed {self.seed} over {len(self.indices)}: build it with the same ones")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    self._order = None if state["order"] is None else self._check_ids(state["order"])
+    self._next_order = None if state["next_order"] is None else self._check_ids(state["next_order"])
+
+  def _epoch_order(self) -> np.ndarray:
+    if self._order is not None:
+      return self._order
+    if self._permutation is None or self._permutation[0] != self.epoch:
+      rng = np.random.default_rng((self.seed, self.epoch))
+      self._permutation = (self.epoch, rng.permutation(len(self.indices)).astype(np.int32))
+    return self._permutation[1]
+
+  def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+      raise ValueError(f"sample ids must be a 1-D integer array, got dtype {ids.dtype} and shape {ids.shape}")
+    if ids.size and not 0 <= ids.min() <= ids.max() < len(self.indices):
+      raise ValueError(f"sample ids are positions in the pool and must lie in [0, {len(self.indices)}), "
+                       f"got range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int32)
+
+  def _check_order_length(self, n: int) -> None:
+    if n < 1 or (self.drop_last and n < self.batch_size):
+      raise ValueError(f"an epoch of {n} samples holds no full batch of {self.batch_size}: use a smaller "
+                       "batch_size or drop_last=False")
+
+
+# --- character-level text (the nanoGPT space) ------------------------------------------------------------
+class CharVocab:
+  """Character vocabulary: token i is the i-th of the sorted unique characters (as nanoGPT's shakespeare_char)."""
+
+  def __init__(self, chars: str):
+    if not chars or list(chars) != sorted(set(chars)):
+      raise ValueError("vocabulary characters must be non-empty, sorted and unique; build it with "
+                       "CharVocab.from_text")
+    self.chars = chars
+    self._codes = np.array([ord(c) for c in chars], np.uint32)  # sorted, so encoding is a binary search
+
+  @classmethod
+  def from_text(cls, text: str) -> CharVocab:
+    return cls("".join(sorted(set(text))))
+
+  def __len__(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 token ids of `text`; a character outside the vocabulary raises ValueError."""
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    ids = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
+    unknown = self._codes[ids] != codes
+    if unknown.any():
+      raise ValueError(f"character {chr(codes[unknown.argmax()])!r} is not in the vocabulary of {len(self)}")
+    return ids.astype(np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self._codes[np.asarray(ids, np.int64)].astype("<u4").tobytes().decode("utf-32-le")
+
+
+class TextData(NamedTuple):
+  """A character-level corpus: int32 token streams of its first 90% (train) and last 10% (val)."""
+
+  train: np.ndarray
+  val: np.ndarray
+  vocab: CharVocab
+  name: str
+
+
+def load_text(path: str | Path, *, val_fraction: float = 0.1) -> TextData:
+  """Read a UTF-8 text file, build its character vocabulary and split it: first 90% train, last 10% val."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"text file {path} not found: pass the path of a UTF-8 text file "
+                            "(e.g. tiny Shakespeare's input.txt)")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as error:
+    raise ValueError(f"{path} is not UTF-8 text ({error}); convert it to UTF-8 first") from None
+  n_train = int(len(text) * (1.0 - val_fraction))
+  if not 0 < n_train < len(text):
+    raise ValueError(f"{path} has {len(text)} characters: too few to split with val_fraction={val_fraction}")
+  vocab = CharVocab.from_text(text)
+  tokens = vocab.encode(text)
+  return TextData(tokens[:n_train], tokens[n_train:], vocab, path.stem)
+
+
+def text_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int,
+               step: int) -> tuple[np.ndarray, np.ndarray]:
+  """Random windows of a token stream: x[B, T] and its next-token targets y[B, T] (int32).
+
+  The window starts come from `np.random.default_rng((seed, step))`, so the batch of a step is fixed and a
+  resumed run needs only its step count.
+  """
+  if len(tokens) <= block_size:
+    raise ValueError(f"a token stream of {len(tokens)} is too short for windows of block_size={block_size}")
+  starts = np.random.default_rng((seed, step)).integers(0, len(tokens) - block_size, size=batch_size)
+  window = starts[:, None] + np.arange(block_size)
+  return tokens[window].astype(np.int32), tokens[window + 1].astype(np.int32)

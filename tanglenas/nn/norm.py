@@ -1,0 +1,119 @@
+"""Normalization over a channel prefix, and batch-norm recalibration of extracted networks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class BatchNorm(nnx.Module):
+  """Batch norm over the last axis with PyTorch's conventions, as TangleNAS's reference uses them.
+
+  Running statistics: `running = (1 - momentum) * running + momentum * batch`, with the UNBIASED batch variance
+  (flax's BatchNorm keeps the biased one). `momentum=None` keeps a cumulative average instead, which is what
+  recalibration wants. `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width.
+  """
+
+  def __init__(self, num_features: int, *, affine: bool = True, momentum: float | None = 0.1,
+               epsilon: float = 1e-5, use_running_average: bool = False):
+    self.num_features, self.momentum, self.epsilon = num_features, momentum, epsilon
+    self.use_running_average = use_running_average
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
+    self.var = nnx.BatchStat(jnp.ones((num_features,)))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.scale = nnx.Param(jnp.ones((num_features,))) if affine else None
+    self.bias = nnx.Param(jnp.zeros((num_features,))) if affine else None
+
+  def __call__(self, x: jax.Array, width_mask: jax.Array | None = None) -> jax.Array:
+    axes = tuple(range(x.ndim - 1))
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      n = x.size // x.shape[-1]
+      momentum = 1.0 / (self.count[...] + 1.0) if self.momentum is None else self.momentum
+      unbiased = var * (n / max(n - 1, 1))
+      self.mean[...] = (1 - momentum) * self.mean[...] + momentum * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - momentum) * self.var[...] + momentum * jax.lax.stop_gradient(unbiased)
+      self.count[...] = self.count[...] + 1
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.scale is not None:
+      y = y * self.scale[...] + self.bias[...]
+    if width_mask is not None:
+      y = y * width_mask
+    return y
+
+  def extract(self, width: int | None = None) -> BatchNorm:
+    """The batch norm of the first `width` channels, statistics and affine parameters sliced."""
+    width = self.num_features if width is None else width
+    new = BatchNorm(width, affine=self.scale is not None, momentum=self.momentum, epsilon=self.epsilon,
+                    use_running_average=self.use_running_average)
+    new.mean[...], new.var[...] = self.mean[...][:width], self.var[...][:width]
+    new.count[...] = self.count[...]
+    if self.scale is not None:
+      new.scale[...], new.bias[...] = self.scale[...][:width], self.bias[...][:width]
+    return new
+
+
+class LayerNorm(nnx.Module):
+  """Layer norm over a width prefix: statistics over the chosen channels only (AutoFormer's super-norm)."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5):
+    self.num_features, self.epsilon = num_features, epsilon
+    self.scale = nnx.Param(jnp.ones((num_features,)))
+    self.bias = nnx.Param(jnp.zeros((num_features,)))
+
+  def __call__(self, x: jax.Array, width_mask: jax.Array | None = None) -> jax.Array:
+    if width_mask is None:
+      mean = jnp.mean(x, -1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+      return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+    # A soft mask weights each channel's membership; one-hot masks give the exact prefix statistics.
+    total = jnp.sum(width_mask)
+    mean = jnp.sum(x * width_mask, -1, keepdims=True) / total
+    var = jnp.sum(jnp.square(x - mean) * width_mask, -1, keepdims=True) / total
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+    return y * width_mask
+
+  def extract(self, width: int | None = None) -> LayerNorm:
+    width = self.num_features if width is None else width
+    new = LayerNorm(width, epsilon=self.epsilon)
+    new.scale[...], new.bias[...] = self.scale[...][:width], self.bias[...][:width]
+    return new
+
+
+def recalibrate_batch_norm(model: nnx.Module, batches: Iterable, forward: Callable | None = None) -> int:
+  """Re-estimate every BatchNorm's running statistics of `model` as the exact average over `batches`.
+
+  A subnet extracted from a supernet inherits statistics of the mixed network, which do not fit it. The
+  model runs in training mode for normalization (dropout off), one jitted forward per batch. Returns the number
+  of batches used. `forward(model, x)` defaults to `model(x)`.
+  """
+  norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+  if not norms:
+    return 0
+  saved = [m.momentum for m in norms]
+  for m in norms:
+    m.momentum = None
+    m.mean[...], m.var[...] = jnp.zeros_like(m.mean[...]), jnp.ones_like(m.var[...])
+    m.count[...] = jnp.zeros_like(m.count[...])
+    m.use_running_average = False
+  model.eval()  # dropout off ...
+  for m in norms:
+    m.use_running_average = False  # ... but normalize with batch statistics and update the running ones
+
+  forward = forward or (lambda module, x: module(x))
+  step = nnx.jit(lambda module, x: forward(module, x))
+  used = 0
+  for batch in batches:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    step(model, jnp.asarray(x))
+    used += 1
+  for m, momentum in zip(norms, saved):
+    m.momentum = momentum
+  model.eval()
+  return used
