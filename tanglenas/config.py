@@ -7,7 +7,12 @@ CLI loads one and applies command-line overrides on top of it. Defaults are Tang
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+import importlib.util
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
 
 Scalar = Union[int, float, str, bool]
 
@@ -29,8 +34,8 @@ class Config:
   val_fraction: float = 0.5  # share of the training set held out for the architecture step
 
   # --- weights (TangleNAS defaults) ----------------------------------------------------------------------
-  epochs: int = 50
-  batch_size: int = 64
+  epochs: int = 50  # search epochs
+  batch_size: int = 64  # examples per training batch (and per validation batch)
   learning_rate: float = 0.025  # SGD, cosine-annealed to `learning_rate_min`
   learning_rate_min: float = 1e-3
   momentum: float = 0.9  # Nesterov
@@ -51,13 +56,21 @@ class Config:
   pada_importance_weights: bool = False  # reweight by 1/(K p) and 1/(N q) (off, as in the PA&DA paper)
   gm_batches: int = 10  # R: batches averaged for gradient-matching scores (paper: 100)
   gm_split_epochs: tuple[int, ...] = ()  # epochs after which the supernet is split once more
+  gm_reinit: bool = False  # children start from fresh weights and architecture (GM-NAS "restart"), not the parent's
+  pada_tau_schedule: Literal["linear", "constant"] = "linear"  # PA&DA smoothing: epoch/epochs (paper) or pada_tau
+  pada_tau: float = 0.5  # the constant schedule's smoothing, in [0, 1)
 
   # --- evaluation ---------------------------------------------------------------------------------------
   benchmark: str = ""  # path of a tabular benchmark (pickle) to judge the derived architecture
   eval_epochs: int = 0  # retrain the derived architecture from scratch for this many epochs (0: skip)
+  # Strategies without architecture parameters (spos) derive by searching the trained supernet:
+  spos_derive: Literal["evolution", "random"] = "evolution"  # evolutionary (SPOS) or random search
+  spos_candidates: int = 100  # architectures scored on the trained supernet
+  spos_eval_batches: int = 10  # validation batches each candidate's accuracy is measured on
+  spos_recalibrate_batches: int = 0  # batches re-estimating batch-norm statistics per candidate (0: keep)
 
   # --- run ------------------------------------------------------------------------------------------------
-  seed: int = 0
+  seed: int = 0  # seeds weights, data order and architecture sampling
   log_every: int = 50  # steps between metric syncs to the host
   checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
   wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -66,3 +79,147 @@ class Config:
 
   def replace(self, **changes) -> Config:
     return dataclasses.replace(self, **changes)
+
+
+# --- experiments and validation ------------------------------------------------------------------------
+def load_experiment(path: str | Path, *, smoke: bool = False) -> Config:
+  """The Config of an experiment file: a Python file defining `get_config(smoke: bool = False) -> Config`."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"experiment file {path} not found: pass --config experiments/<name>.py")
+  spec = importlib.util.spec_from_file_location(f"tanglenas_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, str(path.parent))  # experiment files import their folder's shared presets
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(path.parent))
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"experiment file {path} defines no get_config(smoke: bool = False) -> Config")
+  config = module.get_config(smoke=smoke)
+  if not isinstance(config, Config):
+    raise ValueError(f"get_config of {path} returned {type(config).__name__}, not a tanglenas Config")
+  return config
+
+
+# (field, rule as text, check): value ranges of single fields.
+_RANGES = (
+  ("epochs", "at least 1", lambda v: v >= 1),
+  ("batch_size", "at least 1", lambda v: v >= 1),
+  ("train_limit", "0 (all examples) or positive", lambda v: v >= 0),
+  ("val_fraction", "strictly between 0 and 1", lambda v: 0 < v < 1),
+  ("learning_rate", "positive", lambda v: v > 0),
+  ("learning_rate_min", "at least 0", lambda v: v >= 0),
+  ("momentum", "in [0, 1)", lambda v: 0 <= v < 1),
+  ("weight_decay", "at least 0", lambda v: v >= 0),
+  ("grad_clip", "positive", lambda v: v > 0),
+  ("arch_learning_rate", "positive", lambda v: v > 0),
+  ("arch_beta1", "in [0, 1)", lambda v: 0 <= v < 1),
+  ("arch_beta2", "in [0, 1)", lambda v: 0 <= v < 1),
+  ("arch_weight_decay", "at least 0", lambda v: v >= 0),
+  ("drnas_kl_weight", "at least 0", lambda v: v >= 0),
+  ("gdas_tau_min", "positive", lambda v: v > 0),
+  ("gm_batches", "at least 1", lambda v: v >= 1),
+  ("eval_epochs", "at least 0", lambda v: v >= 0),
+  ("spos_candidates", "at least 1", lambda v: v >= 1),
+  ("spos_eval_batches", "at least 1", lambda v: v >= 1),
+  ("spos_recalibrate_batches", "at least 0", lambda v: v >= 0),
+  ("log_every", "at least 1", lambda v: v >= 1),
+  ("checkpoint_every", "at least 1", lambda v: v >= 1),
+)
+
+
+def validate(config: Config, workdir: str | Path | None = None) -> None:
+  """Check a run's configuration before anything is built, so that a mistake fails at once, in one line.
+
+  Checks the names (space and its options, strategy, sampler, dataset) against the registries, the value
+  range of every numeric field, combinations that cannot work (e.g. a path sampler with strategy `fixed`),
+  that the dataset files and the benchmark file exist and the benchmark's keys are architectures of the
+  space, and that `workdir` (when given) can be written. Raises ValueError or FileNotFoundError saying
+  what is wrong and how to fix it.
+  """
+  from tanglenas import samplers, spaces, strategies  # lazy: validation imports what a run will use
+
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    allowed = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else None
+    if allowed and getattr(config, field.name) not in allowed:
+      raise ValueError(f"{field.name} is {getattr(config, field.name)!r}; choose one of {', '.join(allowed)}")
+  for name, rule, ok in _RANGES:
+    if not ok(getattr(config, name)):
+      raise ValueError(f"{name} must be {rule}, got {getattr(config, name)!r}")
+  space = spaces.get_space(config.space, **config.space_options)
+  _check_name("strategy", config.strategy, strategies.names())
+  _check_name("sampler", config.sampler, samplers.names())
+  _check_combinations(config, space)
+  _check_dataset(config.dataset or space.dataset, config.data_dir)
+  if config.benchmark:
+    from tanglenas.benchmarks import TabularBenchmark
+
+    TabularBenchmark.load(config.benchmark, space=space.name).check_keys(space.parse)
+  if workdir is not None:
+    _check_writable(Path(workdir))
+
+
+def _check_name(kind: str, name: str, known: list[str]) -> None:
+  if name not in known:
+    raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+
+
+def _check_combinations(config: Config, space: Any) -> None:
+  if config.strategy == "fixed":
+    if not config.genotype:
+      raise ValueError("strategy fixed trains one architecture: give it with --genotype '<architecture string>'")
+    space.parse(config.genotype)
+    if config.sampler != "none":
+      raise ValueError(f"sampler {config.sampler} samples paths of a supernet, but strategy fixed trains one "
+                       "architecture: use --sampler none or another strategy")
+  elif config.genotype:
+    raise ValueError(f"genotype is only read by strategy fixed, not {config.strategy}: drop --genotype")
+  if config.learning_rate_min > config.learning_rate:
+    raise ValueError(f"learning_rate_min {config.learning_rate_min} exceeds learning_rate {config.learning_rate}")
+  if config.gdas_tau_min > config.gdas_tau_max:
+    raise ValueError(f"gdas_tau_min {config.gdas_tau_min} exceeds gdas_tau_max {config.gdas_tau_max}")
+  if config.mixture != "softmax" and config.strategy not in ("darts", "darts2"):
+    raise ValueError(f"mixture {config.mixture} is only used by strategies darts and darts2, not "
+                     f"{config.strategy}: drop --mixture")
+  if config.drnas_kl_weight and config.strategy != "drnas":
+    raise ValueError(f"drnas_kl_weight is only used by strategy drnas, not {config.strategy}")
+  if config.pada_importance_weights and config.sampler != "pada":
+    raise ValueError(f"pada_importance_weights is only used by sampler pada, not {config.sampler}")
+  if config.gm_split_epochs:
+    if config.sampler != "gm":
+      raise ValueError(f"gm_split_epochs is only used by sampler gm, not {config.sampler}")
+    if any(not 0 < e < config.epochs for e in config.gm_split_epochs):
+      raise ValueError(f"gm_split_epochs {config.gm_split_epochs} must lie strictly between 0 and epochs "
+                       f"({config.epochs})")
+
+
+def _check_dataset(name: str, data_dir: str) -> None:
+  """Cheap existence checks, without reading the files (loading happens once, when the run starts)."""
+  from tanglenas import data
+
+  if name == "text":
+    if data_dir and not Path(data_dir).exists():
+      raise FileNotFoundError(f"text data {data_dir} not found: pass --data-dir a text file")
+    return
+  _check_name("dataset", name, data.DATASETS.names())
+  if name == "fashion_mnist":
+    root = Path(data_dir) if data_dir else data.FASHION_MNIST_DIR
+    missing = [f for f in data.FASHION_MNIST_FILES.values() if not (root / f).is_file()]
+    if missing:
+      raise FileNotFoundError(f"Fashion-MNIST files {', '.join(missing)} not found in {root}: run `apt-get "
+                              "install -y dataset-fashion-mnist` or pass --data-dir the folder holding them")
+  elif name == "cifar10":
+    root = Path(data_dir) if data_dir else None
+    if root is None or not any((d / data.CIFAR10_TEST_FILE).is_file() for d in (root, root / data.CIFAR10_SUBDIR)):
+      raise FileNotFoundError(f"CIFAR-10 batches not found in {root or '(no --data-dir)'}: pass --data-dir the "
+                              "folder holding data_batch_1..5 and test_batch")
+
+
+def _check_writable(workdir: Path) -> None:
+  existing = workdir
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK):
+    raise ValueError(f"run directory {workdir} cannot be written (at {existing}): pass a writable --workdir")

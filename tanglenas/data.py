@@ -204,6 +204,13 @@ def _normalize(images_u8: np.ndarray, mean: float | Sequence[float], std: float 
   return (images_u8.astype(np.float32) / 255.0 - mean) / std
 
 
+def load_for_space(name: str, data_dir: str | Path | None, space: Any, *, limit: int | None = None) -> Dataset:
+  """`load_dataset` for a search space: the synthetic dataset is drawn in the space's input shape and classes,
+  so every space can be smoke-tested without its real data."""
+  options = dict(shape=space.input_shape, num_classes=space.num_classes) if name == "synthetic" else {}
+  return load_dataset(name, data_dir, limit=limit, **options)
+
+
 # --- splits and batches ---------------------------------------------------------------------------------
 def split_train_val(n: int, val_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Split `range(n)` into disjoint, covering, sorted (train_idx, val_idx) for bilevel search.

@@ -55,7 +55,7 @@ def depthwise_conv(x_NHWC: jax.Array, kernel_HWC: jax.Array, *, stride: int = 1,
     for j in range(kw):
       start = (0, i * dilation, j * dilation, 0)
       limit = (n, start[1] + (ho - 1) * stride + 1, start[2] + (wo - 1) * stride + 1, channels)
-      tap = lax.slice(padded, start, limit, (1, stride, stride, 1)) * kernel_HWC[i, j]
+      tap = lax.slice(padded, start, limit, (1, stride, stride, 1)) * kernel_HWC[i, j].reshape(1, 1, 1, -1)
       out = tap if out is None else out + tap
   return out
 
@@ -78,13 +78,15 @@ class EntangledConv(nnx.Module):
   zero-padded to the largest width, are summed with the mixture's weights (DARTS).
   `depthwise=True` convolves each channel with its own filter (in = out; width choices act on both).
   Padding keeps the spatial size ("same", dilation * (k - 1) / 2), so a centred k x k window of the super-kernel
-  computes exactly the k x k convolution.
+  computes exactly the k x k convolution. An explicit `padding` is that of the largest kernel; a smaller
+  candidate gets it less the border its centred window leaves, which keeps that equivalence.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_sizes: Sequence[int] = (3,), *,
                out_widths: Sequence[int] | None = None, in_widths: Sequence[int] | None = None,
                depthwise: bool = False, stride: int = 1, dilation: int = 1, use_bias: bool = False,
-               mode: str = "we", impl: str = "auto", kernel_init=default_init, rngs: nnx.Rngs):
+               padding: int | None = None, mode: str = "we", impl: str = "auto", kernel_init=default_init,
+               rngs: nnx.Rngs):
     if depthwise and in_features != out_features:
       raise ValueError(f"a depthwise conv keeps its width: in_features {in_features} != out {out_features}")
     self.in_features, self.out_features = in_features, out_features
@@ -96,6 +98,7 @@ class EntangledConv(nnx.Module):
     self.depthwise, self.stride, self.dilation = depthwise, stride, dilation
     self.mode, self.impl = check_mode(mode), resolve_impl(impl)
     kmax = self.kernel_sizes[-1]
+    self.max_padding = dilation * (kmax - 1) // 2 if padding is None else padding
     in_per_group = 1 if depthwise else in_features
 
     def kernel_param(size: int, width: int) -> nnx.Param:
@@ -112,7 +115,7 @@ class EntangledConv(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
 
   def padding(self, kernel_size: int) -> int:
-    return self.dilation * (kernel_size - 1) // 2
+    return self.max_padding - self.dilation * (self.kernel_sizes[-1] - kernel_size) // 2
 
   def _conv(self, x: jax.Array, kernel: jax.Array, size: int) -> jax.Array:
     kwargs = dict(stride=self.stride, dilation=self.dilation, padding=self.padding(size))
@@ -131,14 +134,15 @@ class EntangledConv(nnx.Module):
       kmax = self.kernel_sizes[-1]
       kernel_mask = masks_lib.mix(kernel, masks_lib.kernel_masks(self.kernel_sizes))
       if self.depthwise:
-        weight = self.kernel[...] * kernel_mask[:, :, None] * out_mask
+        weight = self.kernel[...] * kernel_mask[:, :, None] * out_mask[None, None]
       else:
-        weight = self.kernel[...] * kernel_mask[:, :, None, None] * in_mask[:, None] * out_mask
+        weight = (self.kernel[...] * kernel_mask[:, :, None, None] * in_mask[None, None, :, None]
+                  * out_mask[None, None, None, :])
       y = self._conv(x, weight, kmax)
     else:
       y = self._mix_candidates(x, kernel, out, in_mask, out_mask)
     if self.bias is not None:
-      y = y + self.bias[...] * out_mask
+      y = y + (self.bias[...] * out_mask).reshape(1, 1, 1, -1)
     return y
 
   def _mix_candidates(self, x, kernel, out, in_mask, out_mask):
@@ -146,13 +150,13 @@ class EntangledConv(nnx.Module):
     if kernel_w is None:
       kernel_w = jnp.eye(len(self.kernel_sizes))[-1]
     if self.depthwise:
-      return sum(kernel_w[i] * self._conv(x, self.kernels[i][...] * out_mask, k)
+      return sum(kernel_w[i] * self._conv(x, self.kernels[i][...] * out_mask[None, None], k)
                  for i, k in enumerate(self.kernel_sizes))
     out_w = jnp.eye(len(self.out_widths))[-1] if out is None else out
     y = 0.0
     for idx, (i, j) in enumerate(_product(len(self.kernel_sizes), len(self.out_widths))):
       k, width = self.kernel_sizes[i], self.out_widths[j]
-      y_j = self._conv(x, self.kernels[idx][...] * in_mask[:, None], k)
+      y_j = self._conv(x, self.kernels[idx][...] * in_mask[None, None, :, None], k)
       y = y + kernel_w[i] * out_w[j] * jnp.pad(y_j, ((0, 0), (0, 0), (0, 0), (0, self.out_features - width)))
     return y
 
@@ -165,16 +169,19 @@ class EntangledConv(nnx.Module):
     size, out_w, in_w = self.kernel_sizes[ki], self.out_widths[oi], self.in_widths[ii]
     if self.depthwise:
       out_w = in_w = min(out_w, in_w)
-    new = EntangledConv(in_w, out_w, (size,), depthwise=self.depthwise, stride=self.stride,
-                        dilation=self.dilation, use_bias=self.bias is not None, impl=self.impl,
-                        rngs=rngs or nnx.Rngs(0))
+    make = lambda: EntangledConv(in_w, out_w, (size,), depthwise=self.depthwise, stride=self.stride,
+                                 dilation=self.dilation, use_bias=self.bias is not None,
+                                 padding=self.padding(size), impl=self.impl, rngs=rngs or nnx.Rngs(0))
+    # Without rngs only the structure is built: the weights are copied in below, and running the initializer
+    # would compile one RNG program per new kernel shape (~1 s each on CPU).
+    new = nnx.eval_shape(make) if rngs is None else make()
     if self.mode == "we":
       source = masks_lib.centre_crop(self.kernel[...], size)
     else:
       source = self.kernels[ki if self.depthwise else ki * len(self.out_widths) + oi][...]
-    new.kernel[...] = source[..., :out_w] if self.depthwise else source[:, :, :in_w, :out_w]
+    new.kernel = nnx.Param(source[..., :out_w] if self.depthwise else source[:, :, :in_w, :out_w])
     if self.bias is not None:
-      new.bias[...] = self.bias[...][:out_w]
+      new.bias = nnx.Param(self.bias[...][:out_w])
     return new
 
 

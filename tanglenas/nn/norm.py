@@ -13,8 +13,10 @@ class BatchNorm(nnx.Module):
   """Batch norm over the last axis with PyTorch's conventions, as TangleNAS's reference uses them.
 
   Running statistics: `running = (1 - momentum) * running + momentum * batch`, with the UNBIASED batch variance
-  (flax's BatchNorm keeps the biased one). `momentum=None` keeps a cumulative average instead, which is what
-  recalibration wants. `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width.
+  (flax's BatchNorm keeps the biased one). `momentum=None` keeps the exact mean and unbiased variance of all
+  values seen since the statistics were reset (pooled over batches, so batch sizes may differ): what
+  recalibration of an extracted network wants. `count` is the number of values per channel seen so far.
+  `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width.
   """
 
   def __init__(self, num_features: int, *, affine: bool = True, momentum: float | None = 0.1,
@@ -23,7 +25,7 @@ class BatchNorm(nnx.Module):
     self.use_running_average = use_running_average
     self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
     self.var = nnx.BatchStat(jnp.ones((num_features,)))
-    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.count = nnx.BatchStat(jnp.zeros(()))
     self.scale = nnx.Param(jnp.ones((num_features,))) if affine else None
     self.bias = nnx.Param(jnp.zeros((num_features,))) if affine else None
 
@@ -33,19 +35,29 @@ class BatchNorm(nnx.Module):
       mean, var = self.mean[...], self.var[...]
     else:
       mean = jnp.mean(x, axes)
-      var = jnp.mean(jnp.square(x - mean), axes)
-      n = x.size // x.shape[-1]
-      momentum = 1.0 / (self.count[...] + 1.0) if self.momentum is None else self.momentum
-      unbiased = var * (n / max(n - 1, 1))
-      self.mean[...] = (1 - momentum) * self.mean[...] + momentum * jax.lax.stop_gradient(mean)
-      self.var[...] = (1 - momentum) * self.var[...] + momentum * jax.lax.stop_gradient(unbiased)
-      self.count[...] = self.count[...] + 1
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+      var = jnp.mean(jnp.square(x - _channels_last(mean, x.ndim)), axes)
+      self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), x.size // x.shape[-1])
+    y = (x - _channels_last(mean, x.ndim)) * _channels_last(jax.lax.rsqrt(var + self.epsilon), x.ndim)
     if self.scale is not None:
-      y = y * self.scale[...] + self.bias[...]
+      y = y * _channels_last(self.scale[...], x.ndim) + _channels_last(self.bias[...], x.ndim)
     if width_mask is not None:
-      y = y * width_mask
+      y = y * _channels_last(width_mask, x.ndim)
     return y
+
+  def _update_running(self, mean: jax.Array, var: jax.Array, n: int) -> None:
+    """Fold one batch's mean and biased variance over `n` values per channel into the running statistics."""
+    seen = self.count[...]
+    if self.momentum is None:  # pooled statistics (Chan, Golub & LeVeque 1979), exact over all batches seen
+      total = seen + n
+      delta = mean - self.mean[...]
+      squares = self.var[...] * jnp.maximum(seen - 1, 0) + var * n + jnp.square(delta) * (seen * n / total)
+      self.mean[...] = self.mean[...] + delta * (n / total)
+      self.var[...] = squares / jnp.maximum(total - 1, 1)
+    else:
+      unbiased = var * (n / max(n - 1, 1))
+      self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * mean
+      self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
+    self.count[...] = seen + n
 
   def extract(self, width: int | None = None) -> BatchNorm:
     """The batch norm of the first `width` channels, statistics and affine parameters sliced."""
@@ -68,15 +80,17 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((num_features,)))
 
   def __call__(self, x: jax.Array, width_mask: jax.Array | None = None) -> jax.Array:
+    scale, bias = _channels_last(self.scale[...], x.ndim), _channels_last(self.bias[...], x.ndim)
     if width_mask is None:
       mean = jnp.mean(x, -1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-      return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+      return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     # A soft mask weights each channel's membership; one-hot masks give the exact prefix statistics.
+    width_mask = _channels_last(width_mask, x.ndim)
     total = jnp.sum(width_mask)
     mean = jnp.sum(x * width_mask, -1, keepdims=True) / total
     var = jnp.sum(jnp.square(x - mean) * width_mask, -1, keepdims=True) / total
-    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y * width_mask
 
   def extract(self, width: int | None = None) -> LayerNorm:
@@ -86,8 +100,13 @@ class LayerNorm(nnx.Module):
     return new
 
 
+def _channels_last(v: jax.Array, ndim: int) -> jax.Array:
+  """A per-channel vector (or an already broadcastable mask) shaped to broadcast against rank `ndim`."""
+  return jnp.reshape(v, (1,) * (ndim - 1) + (v.shape[-1],))
+
+
 def recalibrate_batch_norm(model: nnx.Module, batches: Iterable, forward: Callable | None = None) -> int:
-  """Re-estimate every BatchNorm's running statistics of `model` as the exact average over `batches`.
+  """Re-estimate every BatchNorm's running statistics of `model` as the exact statistics over `batches`.
 
   A subnet extracted from a supernet inherits statistics of the mixed network, which do not fit it. The
   model runs in training mode for normalization (dropout off), one jitted forward per batch. Returns the number

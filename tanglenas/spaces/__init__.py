@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from tanglenas.registry import Registry
+from tanglenas.spaces.autoformer import AutoFormerSpace
 from tanglenas.spaces.base import ChoiceMask, Genotype, Space, count_params
+from tanglenas.spaces.darts import DartsSpace
+from tanglenas.spaces.mobilenet import MobileNetV3Space
+from tanglenas.spaces.nanogpt import NanoGPTSpace
+from tanglenas.spaces.nb201 import NB201Space
 from tanglenas.spaces.toy_cell import ToyCellSpace
+from tanglenas.spaces.toy_macro import ToyMacroSpace
 
 SPACES: Registry[Space] = Registry("search space")
 SPACES.register("toy_cell")(ToyCellSpace)
+SPACES.register("toy_macro")(ToyMacroSpace)
+SPACES.register("nb201")(NB201Space)
+SPACES.register("darts")(DartsSpace)
+SPACES.register("autoformer")(AutoFormerSpace)
+SPACES.register("mobilenetv3")(MobileNetV3Space)
+SPACES.register("nanogpt")(NanoGPTSpace)
 
 
 def get_space(name: str, **options) -> Space:

@@ -108,6 +108,12 @@ class Space(abc.ABC):
   def choice_masks(self, supernet: nnx.Module) -> list[ChoiceMask]:
     """For each decision, which weights (by state path) each of its choices uses."""
 
+  def gm_excluded(self, supernet: nnx.Module) -> tuple[str, ...]:
+    """Top-level attributes whose weights gradient matching leaves out (the stem and the classifier; Hu et
+    al., ICLR 2022). Default: children named stem/classifier/head and every top-level `nnx.Linear`."""
+    return tuple(name for name, child in nnx.iter_children(supernet)
+                 if name in ("stem", "classifier", "head") or isinstance(child, nnx.Linear))
+
 
 def count_params(module: nnx.Module) -> int:
   """Number of trainable weights (nnx.Param), architecture parameters excluded."""

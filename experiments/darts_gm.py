@@ -1,0 +1,11 @@
+"""DARTS space on CIFAR-10: gradient matching (GM-NAS) with DARTS, weight sharing; 50 epochs, splits after
+epochs 15 and 30 (the split epochs of the authors' NAS-Bench-201 runs; their DARTS-space scripts differ).
+
+  tanglenas search --config experiments/darts_gm.py --data-dir PATH/TO/cifar-10-batches-py [--smoke]
+"""
+
+from presets import experiment
+
+
+def get_config(smoke: bool = False):
+  return experiment("darts", "darts", mode="ws", sampler="gm", epochs=50, gm_split_epochs=(15, 30), smoke=smoke)

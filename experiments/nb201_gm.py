@@ -1,0 +1,11 @@
+"""NAS-Bench-201 on CIFAR-10: gradient matching (GM-NAS, Hu et al., ICLR 2022) with DARTS, splitting the
+supernet after epochs 15 and 30 as the authors' GM+DARTS command (WS-GM/README, --split_ckpts 15,30).
+
+  tanglenas search --config experiments/nb201_gm.py --data-dir PATH/TO/cifar-10-batches-py [--smoke]
+"""
+
+from presets import experiment
+
+
+def get_config(smoke: bool = False):
+  return experiment("nb201", "darts", mode="ws", sampler="gm", epochs=50, gm_split_epochs=(15, 30), smoke=smoke)

@@ -1,0 +1,53 @@
+"""What the experiment files in this folder share (this file is not an experiment itself).
+
+Every experiment is a small file with `get_config(smoke: bool = False) -> Config` built by `experiment()`
+below, and its run command in its docstring. `smoke=True` shrinks a run to about a minute on a laptop CPU:
+the space's tiny widths, a few hundred examples, one epoch; everything else stays as in the experiment, so
+the smoke run exercises the same code paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tanglenas.config import Config
+
+# TangleNAS's search epochs on its toy spaces, per strategy (darts2 as darts).
+TOY_EPOCHS = {"darts": 50, "darts2": 50, "drnas": 100, "gdas": 250, "spos": 250}
+
+# Per space: the options and data of its smoke run. Spaces whose data is not installed here (CIFAR-10)
+# smoke-test on the synthetic dataset, drawn in the space's input shape.
+SMOKE: dict[str, dict[str, Any]] = {
+  "toy_cell": dict(space_options={"channels": 4}, train_limit=4096),
+  "toy_macro": dict(dataset="synthetic"),
+  "nb201": dict(space_options={"channels": 4, "cells": 1}, dataset="synthetic"),
+  "darts": dict(space_options={"layers": 2, "channels": 4}, dataset="synthetic"),
+  "autoformer": dict(space_options={"preset": "tiny"}, train_limit=1024),
+  "mobilenetv3": dict(space_options={"preset": "tiny"}, dataset="synthetic"),
+  "nanogpt": dict(space_options={"preset": "tiny"}, dataset="synthetic"),
+}
+SMOKE_RUN = dict(epochs=1, batch_size=32, log_every=4, checkpoint_every=1000, eval_epochs=0, gm_batches=2,
+                 spos_candidates=8, spos_eval_batches=2)
+
+
+def experiment(space: str, strategy: str, *, smoke: bool, **settings: Any) -> Config:
+  """The Config of one experiment: `settings` override the defaults (TangleNAS's), `smoke` shrinks it."""
+  config = Config(space=space, strategy=strategy, **settings)
+  if not smoke:
+    return config
+  preset = SMOKE[space]
+  options = {**config.space_options, **preset.get("space_options", {})}
+  split_epochs = tuple(e for e in config.gm_split_epochs if e < SMOKE_RUN["epochs"])
+  return config.replace(**{**SMOKE_RUN, **preset, "space_options": options, "gm_split_epochs": split_epochs})
+
+
+def toy_cell(strategy: str, mode: str, *, smoke: bool) -> Config:
+  """TangleNAS's toy cell search on Fashion-MNIST: DARTS under weight entanglement mixes with sparsemax, as
+  TangleNAS's code does; weight sharing with softmax."""
+  mixture = "sparsemax" if strategy in ("darts", "darts2") and mode == "we" else "softmax"
+  return experiment("toy_cell", strategy, mode=mode, epochs=TOY_EPOCHS[strategy], mixture=mixture, smoke=smoke)
+
+
+# PA&DA's NAS-Bench-201 supernet training (github.com/ShunLu91/PA-DA, nasbench201/train_panda_201.py):
+# SGD lr 0.05, weight decay 2.5e-4, batch 256, 250 epochs, half of the CIFAR-10 training set.
+PADA_NB201 = dict(epochs=250, learning_rate=0.05, weight_decay=2.5e-4, batch_size=256, val_fraction=0.5)

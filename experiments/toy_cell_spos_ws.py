@@ -1,0 +1,10 @@
+"""Toy cell space on Fashion-MNIST, weight sharing, SPOS (uniform single paths); 250 epochs as TangleNAS.
+
+  tanglenas search --config experiments/toy_cell_spos_ws.py [--smoke]
+"""
+
+from presets import toy_cell
+
+
+def get_config(smoke: bool = False):
+  return toy_cell("spos", "ws", smoke=smoke)

@@ -1,0 +1,95 @@
+"""Checkpoints of a whole search: the state pytree (device arrays) plus a JSON dict of host-side positions.
+
+A thin wrapper over orbax's `CheckpointManager`. Each checkpoint is a step folder holding two items,
+`state` (orbax's standard pytree format; typed PRNG keys such as `jax.random.key(0)` are stored natively)
+and `host` (JSON: data-iterator positions, epoch, ...). Saves are synchronous, so a returned `save` is on
+disk. Orbax writes every checkpoint into a `<step>.orbax-checkpoint-tmp` folder and renames it when
+complete, so a run killed mid-save leaves at most a temporary folder that is never read (and is removed
+when the directory is opened again): a half-written checkpoint never replaces a good one, and a killed run
+loses only the steps since its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Save and restore `(state, host)` pairs by step in `directory`, keeping the newest `max_to_keep`.
+
+  Args:
+    directory: folder of the checkpoints (created if missing), e.g. `<workdir>/checkpoints`.
+    max_to_keep: how many of the newest checkpoints stay on disk; older ones are deleted after each save.
+  """
+
+  def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep}")
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state: Any, host: dict[str, Any] | None = None) -> bool:
+    """Write the checkpoint of `step`; returns False (and writes nothing) if that step is already saved.
+
+    A step is saved once: in a deterministic run the state at one step is always the same.
+    """
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(_jsonable(host or {})))
+    self._manager.save(step, args=args)
+    self._manager.wait_until_finished()
+    return True
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """`(state, host, step)` of checkpoint `step` (default: the newest).
+
+    `target_state` is a state of the same structure, shapes and dtypes (e.g. a freshly initialized one);
+    the restored state has its exact pytree structure (NamedTuples, nnx.State, typed keys).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}; start without --resume")
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; saved steps: {self.all_steps()}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except ValueError as e:  # orbax checks structure and shapes against the target
+      reason = str(e).splitlines()[0]
+      raise ValueError(f"checkpoint of step {step} does not fit the state ({reason}); resume with the "
+                       "configuration the run was started with") from None
+    return restored.state, dict(restored.host), step
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _jsonable(host: dict[str, Any]) -> dict[str, Any]:
+  """Host values as plain JSON types (numpy scalars and arrays become numbers and lists)."""
+  def convert(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+      return value.tolist()
+    raise TypeError(f"host checkpoint values must be JSON-able, got {type(value).__name__}")
+  return json.loads(json.dumps(host, default=convert))

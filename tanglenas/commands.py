@@ -1,0 +1,199 @@
+"""What the `tanglenas` subcommands do. Each `prepare_*` checks its input first (raising ValueError or
+FileNotFoundError with one clear line, which the CLI prints) and returns the work to run, so that a mistake
+fails at start-up and never after an hour of search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tanglenas.config import Config, validate
+from tanglenas.logging import read_config, read_metrics, read_summary, update_summary
+
+RUNS_DIR = Path("runs")
+# Files a search writes into its run directory: removed when a run is started over there.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "ranking.json", "wandb_id")
+RUN_DIRS = ("checkpoints", "wandb", "plots")
+
+
+def default_workdir(experiment_file: str | Path, seed: int, *, smoke: bool) -> Path:
+  """`runs/<experiment>[-smoke]-seed<seed>`: smoke runs never land in a real run's directory."""
+  return RUNS_DIR / f"{Path(experiment_file).stem}{'-smoke' if smoke else ''}-seed{seed}"
+
+
+def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", smoke: bool = False,
+                   resume: bool = False, overwrite: bool = False) -> Callable[[], None]:
+  """Validate a search and the run directory; the returned function searches and prints the result.
+
+  A run directory that already holds a run is continued with `resume` (from its last checkpoint; a
+  directory without a checkpoint starts fresh) or replaced with `overwrite`; otherwise this fails.
+  """
+  path = Path(workdir) if workdir else default_workdir(experiment_file, config.seed, smoke=smoke)
+  validate(config, path)
+  if resume and overwrite:
+    raise ValueError("--resume continues the run in the run directory, --overwrite replaces it: choose one")
+  if (path / "config.json").exists() and not resume:
+    if not overwrite:
+      raise ValueError(f"{path} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                       "or another --workdir")
+    _clear_run(path)
+
+  def run() -> None:
+    from tanglenas.search import search
+
+    result = search(config, path, resume=resume)
+    evaluation = _evaluate(config, result.genotype, supernet=result.supernet)
+    update_summary(path, {"evaluation": evaluation})
+    print(f"run directory: {path}")
+    print(f"genotype: {result.genotype}")
+    print(_accuracy_line(evaluation))
+  return run
+
+
+def prepare_evaluate(run_dir: str, *, epochs: int | None = None, benchmark: str = "") -> Callable[[], None]:
+  """Check the run; the returned function extracts and (with `epochs`, default the run's `eval_epochs`)
+  retrains its derived architecture, prints the accuracies and saves them in summary.json."""
+  config = load_run_config(run_dir).replace(**({"benchmark": benchmark} if benchmark else {}))
+  genotype = _derived_genotype(run_dir)
+  _latest_checkpoint(run_dir)
+  validate(config)
+  if epochs is not None and epochs < 0:
+    raise ValueError(f"--epochs must be at least 0, got {epochs}")
+
+  def run() -> None:
+    _, supernet = load_supernet(run_dir, config)
+    evaluation = _evaluate(config, genotype, supernet=supernet, epochs=epochs)
+    update_summary(run_dir, {"evaluation": evaluation})
+    print(f"genotype: {genotype}")
+    print(_accuracy_line(evaluation))
+  return run
+
+
+def prepare_rank(run_dir: str, *, benchmark: str, architectures: int = 100) -> Callable[[], None]:
+  """Check the run and the benchmark; the returned function scores `architectures` of the benchmark's
+  architectures (a seeded sample; all when fewer) by the run's supernet, writes `ranking.json` and prints
+  Kendall's tau against the benchmark."""
+  from tanglenas.benchmarks import TabularBenchmark
+
+  config = load_run_config(run_dir)
+  _latest_checkpoint(run_dir)
+  validate(config)
+  if architectures < 2:
+    raise ValueError(f"--architectures must be at least 2 to rank, got {architectures}")
+  space = _space(config)
+  table = TabularBenchmark.load(benchmark, space=space.name)
+  table.check_keys(space.parse)
+
+  def run() -> None:
+    ranking = rank_architectures(run_dir, config, table, architectures=architectures)
+    Path(run_dir, "ranking.json").write_text(json.dumps({"benchmark": str(benchmark), **ranking}, indent=1))
+    print(f"Kendall tau {ranking['kendall_tau']:.4f}, Spearman {ranking['spearman']:.4f} over "
+          f"{ranking['n']} architectures (ranking.json in {run_dir})")
+  return run
+
+
+def prepare_plot(run_dir: str) -> Callable[[], None]:
+  """Check that `run_dir` holds metrics; the returned function writes its PNGs and prints their paths."""
+  read_config(run_dir)
+  if not read_metrics(run_dir):
+    raise FileNotFoundError(f"{run_dir}/metrics.jsonl holds no metrics yet: plot a run that has logged steps")
+
+  def run() -> None:
+    from tanglenas.plots import plot_run
+
+    for path in plot_run(run_dir):
+      print(path)
+  return run
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+  """The Config a run was started with (its `config.json`), with JSON lists turned back into tuples."""
+  values = read_config(run_dir)
+  hints = typing.get_type_hints(Config)
+  for field in dataclasses.fields(Config):
+    if typing.get_origin(hints[field.name]) is tuple and field.name in values:
+      values[field.name] = tuple(values[field.name])
+  return Config(**{k: v for k, v in values.items() if k in hints})
+
+
+def load_supernet(run_dir: str | Path, config: Config | None = None):
+  """`(run, supernet)`: a run's static parts and its supernet at its newest checkpoint (in eval mode)."""
+  from tanglenas.checkpoint import Checkpointer
+  from tanglenas.search import build_run, init_state, supernet_of
+
+  config = config or load_run_config(run_dir)
+  run, model = build_run(config)
+  with Checkpointer(Path(run_dir) / "checkpoints") as checkpointer:
+    state, _, _ = checkpointer.restore(init_state(run, model))
+  return run, supernet_of(run, state)
+
+
+def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int) -> dict:
+  """Score benchmark architectures by the run's supernet (one-hot validation accuracy, on the run's
+  `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more) against `table`."""
+  from tanglenas.benchmarks import ranking_report
+  from tanglenas.evaluate import SupernetScorer
+
+  run, supernet = load_supernet(run_dir, config)
+  keys = table.keys()
+  if len(keys) > architectures:
+    keys = [keys[i] for i in np.random.default_rng(config.seed).choice(len(keys), architectures, replace=False)]
+  batch, needed = config.batch_size, config.spos_eval_batches + config.spos_recalibrate_batches
+  batches = [run.val_iter.batch_from_indices(np.arange(i * batch, (i + 1) * batch))[:2] for i in range(needed)]
+  scorer = SupernetScorer(run.space, supernet, batches[:config.spos_eval_batches],
+                          recalibration_batches=batches[config.spos_eval_batches:] or None)
+  scores = {key: scorer(run.space.parse(key)) for key in keys}
+  return {"genotypes": keys, "scores": list(scores.values()), "accuracies": [table.accuracy(k) for k in keys],
+          "score_name": "supernet one-hot validation accuracy", **ranking_report(scores, table)}
+
+
+def _evaluate(config: Config, genotype: str, *, supernet, epochs: int | None = None) -> dict:
+  from tanglenas.evaluate import evaluate_genotype
+
+  return evaluate_genotype(_space(config), genotype, config, supernet=supernet, epochs=epochs)
+
+
+def _accuracy_line(evaluation: dict) -> str:
+  """The most telling accuracy of the derived architecture: the benchmark's, else retrained, else extracted."""
+  for key, what in (("benchmark_test_acc", "benchmark test accuracy"),
+                    ("retrained_test_acc", "test accuracy, retrained from scratch"),
+                    ("extracted_test_acc", "test accuracy of the network extracted from the supernet")):
+    if key in evaluation:
+      return f"{what}: {evaluation[key]:.4f} ({evaluation['params']:,} parameters)"
+  return f"{evaluation['params']:,} parameters"
+
+
+def _space(config: Config):
+  from tanglenas.spaces import get_space
+
+  return get_space(config.space, **config.space_options)
+
+
+def _derived_genotype(run_dir: str) -> str:
+  genotype = read_summary(run_dir).get("genotype")
+  if not genotype:
+    raise ValueError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
+                     "e.g. tanglenas search ... --resume")
+  return genotype
+
+
+def _latest_checkpoint(run_dir: str) -> None:
+  steps = sorted(p for p in Path(run_dir, "checkpoints").glob("[0-9]*") if p.name.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
+
+
+def _clear_run(path: Path) -> None:
+  for name in RUN_FILES:
+    (path / name).unlink(missing_ok=True)
+  for name in RUN_DIRS:
+    shutil.rmtree(path / name, ignore_errors=True)
+
+

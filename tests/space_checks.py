@@ -1,0 +1,92 @@
+"""Checks every search space must pass, shared by the space tests (tests/test_<space>.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tanglenas.nn.arch import ArchParam, one_hot_mixture
+from tanglenas.spaces.base import Genotype, Space
+
+
+def fast_rngs(seed: int = 0) -> nnx.Rngs:
+  """Rngs on XLA's RNG bit generator: threefry compiles once per kernel shape, ~1 s each on a 2-core CPU."""
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def training_mode(model: nnx.Module) -> nnx.Module:
+  """Batch statistics in every BN, dropout off.
+
+  Supernet and standalone network are compared in this mode because it is exact whatever the running
+  statistics: a chosen branch sees the same input in both, so its BNs normalize with the same batch statistics;
+  unchosen branches are multiplied by 0, or (a conv family of weight 0 under `family_mix="reference"`) run on a
+  zero kernel, which an affine-free BN maps to exactly 0 only when it normalizes with batch statistics.
+  """
+  model.train()
+  model.set_attributes(deterministic=True, raise_if_not_found=False)
+  return model
+
+
+def assert_one_hot_matches_standalone(space: Space, supernet: nnx.Module, genotypes: list[Genotype],
+                                      x: jax.Array, *, tol: float = 1e-5) -> list[nnx.Module]:
+  """For each genotype, the supernet's one-hot forward equals the extracted network's forward (logits and
+  features); ONE jitted functional forward over the split state, traced once, serves every path.
+  Returns the extracted networks."""
+  training_mode(supernet)
+  graphdef, arch, weights, rest = nnx.split(supernet, ArchParam, nnx.Param, ...)
+  traces = []
+
+  @jax.jit
+  def forward(weights, rest, mixture, x):
+    traces.append(None)  # runs only while tracing
+    return nnx.merge(graphdef, arch, weights, rest)(x, mixture, return_features=True)
+
+  standalones, outputs = [], []
+  for genotype in genotypes:
+    standalone = training_mode(space.standalone(supernet, genotype))
+    standalone_graphdef, standalone_state = nnx.split(standalone)
+    expected = jax.jit(lambda state, x: nnx.merge(standalone_graphdef, state)(x, return_features=True))(
+        standalone_state, x)
+    got = forward(weights, rest, one_hot_mixture(space.decisions, space.index_map(genotype)), x)
+    for g, want in zip(got, expected):
+      scale = max(float(jnp.max(jnp.abs(want))), 1e-3)
+      np.testing.assert_allclose(g, want, rtol=tol, atol=tol * scale, err_msg=str(genotype))
+    assert got[0].shape == (x.shape[0], space.num_classes)
+    standalones.append(standalone)
+    outputs.append(got[0])
+  assert len(traces) == 1, f"the supernet forward was traced {len(traces)} times for {len(genotypes)} paths"
+  assert not np.allclose(outputs[0], outputs[1]), "different paths gave the same output"
+  return standalones
+
+
+def _at(state, path):
+  leaf = functools.reduce(lambda node, key: node[key], path, state)
+  return np.asarray(leaf[...] if isinstance(leaf, nnx.Variable) else leaf)
+
+
+def assert_choice_masks_cover_gradients(space: Space, supernet: nnx.Module, genotype: Genotype,
+                                        x: jax.Array) -> None:
+  """Every mask names a weight and broadcasts against it; on a one-hot path, weights outside the chosen
+  choice's mask get no gradient, and some weights inside get one."""
+  model = training_mode(nnx.clone(supernet))  # its batch statistics update, the supernet's do not
+  mixture = one_hot_mixture(space.decisions, space.index_map(genotype))
+  projection = jax.random.normal(jax.random.key(1), (x.shape[0], space.num_classes))
+  grads = nnx.jit(nnx.grad(lambda model: jnp.sum(model(x, mixture) * projection)))(model)
+  params = nnx.state(supernet, nnx.Param)
+  sizes, chosen = {d.name: d.size for d in space.decisions}, space.index_map(genotype)
+  masks = space.choice_masks(supernet)
+  assert {m.decision for m in masks} <= set(sizes)
+  used = 0
+  for m in masks:
+    weight, grad = _at(params, m.path), _at(grads, m.path)
+    assert m.masks.shape[0] == sizes[m.decision], (m.decision, m.path)
+    assert np.broadcast_shapes(m.masks.shape[1:], weight.shape) == weight.shape, (m.path, m.masks.shape)
+    inside = np.broadcast_to(m.masks[chosen[m.decision]], weight.shape)
+    assert np.all(grad[inside == 0] == 0), f"{m.decision} {m.path}: gradient outside the chosen choice's mask"
+    if inside.any() and np.any(grad[inside > 0] != 0):
+      used += 1
+  assert used > 0, "no weight of the chosen path received a gradient"

@@ -1,0 +1,135 @@
+"""The `tanglenas` command line: options and their defaults, overrides, and one-line start-up errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from tanglenas import cli, commands
+from tanglenas.config import Config, load_experiment, validate
+
+EXPERIMENT = '''
+from tanglenas.config import Config
+
+def get_config(smoke: bool = False) -> Config:
+  return Config(space="toy_cell", strategy="gdas", epochs=2 if smoke else 250, train_limit=128 if smoke else 0,
+                wandb_mode="disabled")
+'''
+
+
+@pytest.fixture
+def experiment(tmp_path):
+  path = tmp_path / "toy_gdas.py"
+  path.write_text(EXPERIMENT)
+  return str(path)
+
+
+def test_help_lists_every_option_with_the_experiments_default(experiment, capsys):
+  with pytest.raises(SystemExit) as exit:
+    cli.main(["search", "--config", experiment, "--help"])
+  assert exit.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for field in dataclasses.fields(Config):
+    assert f"--{field.name.replace('_', '-')}" in text
+  assert "(default: 250)" in text and "(default: gdas)" in text  # the experiment's values, not Config's
+
+
+def test_the_experiment_gives_defaults_and_the_command_line_overrides_them(experiment):
+  args = ["--config", experiment, "--seed", "4", "--mode", "ws", "--space-options", "channels", "8",
+          "--gm-split-epochs", "1", "2"]
+  command = cli._parse_search(experiment, False, args)
+  assert command.run == load_experiment(experiment).replace(seed=4, mode="ws", space_options={"channels": 8},
+                                                            gm_split_epochs=(1, 2))
+  smoke = cli._parse_search(experiment, True, ["--config", experiment, "--smoke"])
+  assert smoke.smoke and smoke.run.epochs == 2 and smoke.run.train_limit == 128
+
+
+def _table(keys):
+  return {k: {"test_acc": 90.0, "train_acc": 95.0} for k in keys}
+
+
+BAD_INPUT = [
+  (["--space", "nope"], "unknown search space 'nope'; known: "),
+  (["--strategy", "darts3"], "unknown strategy 'darts3'; known: darts, darts2, drnas, fixed, gdas, spos"),
+  (["--sampler", "nope"], "unknown sampler 'nope'; known: "),
+  (["--mode", "xx"], "invalid choice 'xx' for argument '--mode'"),
+  (["--epoch", "3"], "did you mean --epochs?"),
+  (["--epochs", "0"], "epochs must be at least 1, got 0"),
+  (["--val-fraction", "1.0"], "val_fraction must be strictly between 0 and 1"),
+  (["--strategy", "fixed"], "strategy fixed trains one architecture: give it with --genotype"),
+  (["--strategy", "fixed", "--genotype", "Genotype(nonsense)"], "not a toy-cell genotype string"),
+  (["--genotype", "x"], "genotype is only read by strategy fixed, not gdas"),
+  (["--strategy", "fixed", "--sampler", "uniform", "--genotype", "TOY"], "sampler uniform samples paths"),
+  (["--gm-split-epochs", "1"], "gm_split_epochs is only used by sampler gm"),
+  (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2"),
+  (["--data-dir", "/nonexistent"], "Fashion-MNIST files"),
+  (["--dataset", "cifar10"], "CIFAR-10 batches not found"),
+  (["--benchmark", "/nonexistent.pkl"], "benchmark file /nonexistent.pkl not found"),
+  (["--benchmark", "OTHER_SPACE"], "is this the benchmark of another search space?"),
+  (["--workdir", "A_FILE/run"], "cannot be written"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_fails_at_start_up_with_one_line(experiment, tmp_path, capsys, args, message):
+  toy = "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=range(1, 3), " \
+        "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=range(1, 3))"
+  other = tmp_path / "other.pkl"
+  other.write_bytes(pickle.dumps(_table(["[[8, 16, 32, 64], [3, 3, 3, 3]]"])))
+  (tmp_path / "a_file").write_text("")
+  replacements = {"TOY": toy, "OTHER_SPACE": str(other), "A_FILE": str(tmp_path / "a_file")}
+  args = [replacements.get(a, a.replace("A_FILE", str(tmp_path / "a_file"))) for a in args]
+  assert cli.main(["search", "--config", experiment, "--workdir", str(tmp_path / "run"), *args]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.count("\n") == 1 and err.startswith("tanglenas search: error: ")
+  assert message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+  (["search"], "search needs an experiment: --config"),
+  (["search", "--config", "missing.py"], "experiment file missing.py not found"),
+  (["plot", "."], "not a run directory (no config.json)"),
+  (["evaluate", "."], "not a run directory (no config.json)"),
+  (["rank", ".", "--benchmark", "missing.pkl"], "not a run directory (no config.json)"),
+])
+def test_bad_commands_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err
+
+
+def test_an_existing_run_is_resumed_or_replaced_only_on_request(experiment, tmp_path):
+  config = load_experiment(experiment)
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="already holds a run: pass --resume to continue it, --overwrite"):
+    commands.prepare_search(config, experiment, workdir=str(workdir))
+  commands.prepare_search(config, experiment, workdir=str(workdir), resume=True)
+  assert (workdir / "checkpoints" / "7").exists()
+  commands.prepare_search(config, experiment, workdir=str(workdir), overwrite=True)
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+
+
+def test_default_run_directory_names_experiment_smoke_and_seed():
+  assert str(commands.default_workdir("experiments/toy_cell_darts.py", 3, smoke=False)) == \
+      "runs/toy_cell_darts-seed3"
+  assert str(commands.default_workdir("experiments/toy_cell_darts.py", 0, smoke=True)) == \
+      "runs/toy_cell_darts-smoke-seed0"
+
+
+def test_load_experiment_rejects_files_without_a_config(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("x = 1\n")
+  with pytest.raises(ValueError, match="defines no get_config"):
+    load_experiment(path)
+  path.write_text("def get_config(smoke=False):\n  return {}\n")
+  with pytest.raises(ValueError, match="returned dict, not a tanglenas Config"):
+    load_experiment(path)
+
+
+def test_the_default_config_is_valid(tmp_path):
+  validate(Config(), tmp_path / "run")

@@ -1,0 +1,142 @@
+"""Tests for the NAS-Bench-201 space: genotype strings, one-hot supernet == extracted network in both modes,
+parameter counts by formula and against NAS-Bench-201's published extremes, the conv family's weighting,
+choice masks, one trace for all paths."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from space_checks import (assert_choice_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs,
+                          training_mode)
+from tanglenas.nn.arch import one_hot_mixture
+from tanglenas.spaces import count_params, get_space
+from tanglenas.spaces.nb201 import OPS, EntangledEdge, pool_3x3
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+C, N = 4, 1
+SMALLEST = "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"
+LARGEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+
+
+@pytest.fixture(scope="module")
+def space():
+  return get_space("nb201", channels=C, cells=N, input_shape=(16, 16, 3))
+
+
+@pytest.fixture(scope="module", params=["we", "ws"])
+def supernet(request, space):
+  return request.param, space.supernet(mode=request.param, rngs=fast_rngs())
+
+
+def standalone_params(ops, channels, cells):
+  """Stem conv + BN; per cell, k*k*c*c + 2c (affine BN) for each conv edge; two residual blocks (3x3 stride-2
+  conv + BN, 3x3 conv + BN, 1x1 shortcut); last BN; linear classifier."""
+  kernel = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
+  total = 27 * channels + 2 * channels
+  for stage in range(3):
+    c = channels * 2 ** stage
+    total += cells * sum(kernel[op] ** 2 * c * c + 2 * c for op in ops if op in kernel)
+    if stage:
+      total += 9 * (c // 2) * c + 2 * c + 9 * c * c + 2 * c + (c // 2) * c
+  return total + 2 * 4 * channels + 4 * channels * 10 + 10
+
+
+def test_decisions_and_count(space):
+  assert [d.name for d in space.decisions] == ["edge_1_0", "edge_2_0", "edge_2_1", "edge_3_0", "edge_3_1",
+                                               "edge_3_2"]
+  assert all(d.choices == OPS for d in space.decisions)
+  assert space.count() == 5 ** 6 == 15625
+  genotypes = list(space.enumerate())
+  assert len({g.text for g in genotypes}) == 15625
+
+
+def test_format_and_parse_round_trip(space):
+  text = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|avg_pool_3x3~1|nor_conv_3x3~2|"
+  g = space.parse(text)
+  assert g.text == text and g.indices == (3, 1, 2, 0, 4, 3)
+  assert space.genotype([0] * 6).text == SMALLEST
+  rng = np.random.default_rng(0)
+  for g in [space.random(rng) for _ in range(20)] + [space.parse(LARGEST)]:
+    assert space.parse(g.text) == g
+
+
+@pytest.mark.parametrize("text", [
+    "|nor_conv_3x3~1|+|skip_connect~0|nor_conv_1x1~1|+|none~0|avg_pool_3x3~1|nor_conv_3x3~2|",
+    "|conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|avg_pool_3x3~1|nor_conv_3x3~2|",
+    "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|",
+    "nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|avg_pool_3x3~1|nor_conv_3x3~2|", ""])
+def test_parse_rejects_malformed(space, text):
+  with pytest.raises(ValueError, match="nb201"):
+    space.parse(text)
+
+
+def op_names(text):
+  return [edge.split("~")[0] for edge in text.replace("+", "").split("|") if edge]
+
+
+def test_param_formula_matches_nas_bench_201():
+  """NAS-Bench-201 (C=16, N=5, CIFAR-10) lists 0.073306 M and 1.531546 M parameters for its extremes; the
+  extracted networks are checked against the same formula in test_one_hot_supernet_equals_standalone."""
+  assert [standalone_params(op_names(t), 16, 5) for t in (SMALLEST, LARGEST)] == [73_306, 1_531_546]
+
+
+def test_supernet_param_counts(space):
+  """`we` holds one 3x3 ReLU-Conv-BN per edge, `ws` a 1x1 and a 3x3 one."""
+  skeleton = standalone_params([], C, N)
+  channels = [C * 2 ** s for s in range(3)]
+  we, ws = (count_params(nnx.eval_shape(lambda: space.supernet(mode=m, rngs=nnx.Rngs(0)))) for m in ("we", "ws"))
+  assert we == skeleton + 6 * N * sum(9 * c * c + 2 * c for c in channels)
+  assert ws == skeleton + 6 * N * sum(9 * c * c + 2 * c + c * c + 2 * c for c in channels)
+  assert we < ws
+
+
+def test_one_hot_supernet_equals_standalone(space, supernet):
+  _, net = supernet
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  rng = np.random.default_rng(1)  # below: a random path, then two that use every operation
+  genotypes = [space.random(rng), space.genotype([3, 1, 2, 0, 4, 3]), space.genotype([2, 4, 0, 3, 1, 2])]
+  for g, standalone in zip(genotypes, assert_one_hot_matches_standalone(space, net, genotypes, x)):
+    assert count_params(standalone) == standalone_params(op_names(g.text), C, N)
+
+
+def test_params_grow_with_kernel(space, supernet):
+  _, net = supernet
+  counts = [count_params(space.standalone(net, space.genotype([op] + [0] * 5))) for op in (1, 2, 3)]
+  assert counts[0] < counts[1] < counts[2]
+
+
+def test_conv_family_output_scales_with_its_total_weight():
+  """`we`: the edge is w_skip * x + w_pool * pool(x) + s * RCB(x; kernel mixture / s), s = w1 + w3, so the
+  convolutions' total weight is not normalized away by their batch norm."""
+  edge = training_mode(EntangledEdge(C, impl="auto", rngs=fast_rngs()))
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, C))
+  w = jnp.array([0.1, 0.2, 0.15, 0.45, 0.1])
+  conv_only = edge.conv(x, kernel=jnp.array([0.25, 0.75]))  # 0.15 and 0.45 normalized by their total 0.6
+  expected = 0.2 * x + 0.6 * conv_only + 0.1 * pool_3x3(x, "avg")
+  np.testing.assert_allclose(edge(x, w), expected, rtol=1e-5, atol=1e-6)
+  zero = edge(x, jnp.array([0.0, 0.5, 0.0, 0.0, 0.5]))  # no conv weight: the BN's bias does not leak in
+  np.testing.assert_allclose(zero, 0.5 * x + 0.5 * pool_3x3(x, "avg"), rtol=1e-6, atol=1e-6)
+
+
+def test_avg_pool_excludes_padding():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  y = pool_3x3(x, "avg")
+  assert float(y[0, 0, 0, 0]) == pytest.approx(np.mean([0, 1, 4, 5]))
+  assert float(y[0, 1, 1, 0]) == pytest.approx(np.mean([0, 1, 2, 4, 5, 6, 8, 9, 10]))
+
+
+def test_choice_masks_cover_gradients(space, supernet):
+  _, net = supernet
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  text = "|nor_conv_1x1~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|none~2|"  # every op
+  assert_choice_masks_cover_gradients(space, net, space.parse(text), x)
+
+
+def test_bad_options():
+  with pytest.raises(ValueError, match="cells"):
+    get_space("nb201", cells=0)

@@ -1,0 +1,213 @@
+"""The search loop: end-to-end smoke runs, one compilation, determinism, resume, divergence, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tanglenas import search as search_lib
+from tanglenas.checkpoint import Checkpointer
+from tanglenas.config import Config
+from tanglenas.logging import read_metrics, read_summary
+from tanglenas.nn.arch import sample_path
+from tanglenas.samplers import SAMPLERS, Sampler
+from tanglenas.search import DivergenceError, search
+from tiny_space import TinySpace
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+TESTS = Path(__file__).parent
+SPACE = TinySpace()
+# 256 synthetic examples: 128 train / 128 validation, 8 steps per epoch of 16.
+TINY = Config(space="tiny", dataset="synthetic", epochs=3, batch_size=16, log_every=4, checkpoint_every=8,
+              wandb_mode="disabled", quiet=True, arch_learning_rate=0.01, spos_eval_batches=4, spos_candidates=6)
+
+
+def state_leaves(module: nnx.Module) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module)) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted darts search on the tiny space, shared by the tests that compare against it."""
+  workdir = tmp_path_factory.mktemp("reference")
+  return search(TINY, workdir, space=SPACE)
+
+
+def check_run(result, config: Config, steps: int) -> None:
+  SPACE.parse(result.genotype)
+  for d in SPACE.decisions:
+    assert len(result.probs[d.name]) == d.size
+    np.testing.assert_allclose(sum(result.probs[d.name]), 1.0, rtol=1e-5)
+  assert np.isfinite(result.metrics["train_loss"])
+  assert result.metrics["step_traces"] == 1, "the search step must compile once per run"
+  records = read_metrics(result.workdir)
+  assert [r["step"] for r in records if "train_loss" in r][-1] == steps
+  summary = read_summary(result.workdir)
+  assert summary["genotype"] == result.genotype and summary["step"] == steps
+  assert Checkpointer(result.workdir / "checkpoints").latest_step() == steps
+
+
+def test_darts_smoke(reference):
+  check_run(reference, TINY, 24)
+  assert reference.metrics["train_loss"] < np.log(4), "three epochs on separable data must beat chance"
+
+
+@pytest.mark.parametrize("strategy,mode", [("darts2", "we"), ("drnas", "we"), ("gdas", "we"), ("spos", "we"),
+                                           ("fixed", "we"), ("darts", "ws")])
+def test_strategy_smoke(tmp_path, strategy, mode):
+  config = TINY.replace(strategy=strategy, mode=mode, epochs=1, genotype="k3_w4" if strategy == "fixed" else "")
+  result = search(config, tmp_path, space=SPACE)
+  check_run(result, config, 8)
+  if strategy == "fixed":
+    assert result.genotype == "k3_w4"
+  if strategy in ("spos", "fixed"):  # no architecture step: the logits stay at their initial zeros
+    assert all(np.all(np.asarray(v) == 0) for v in nnx.state(result.supernet.arch).values())
+
+
+# --- one compilation, with every sampler hook in use -----------------------------------------------------------
+class CountingState(NamedTuple):
+  norms: dict[str, jax.Array]
+  visits: jax.Array
+  epochs_done: jax.Array
+
+
+def counting_sampler(config: Config, space) -> Sampler:
+  """Uses every hook: uniform paths, epoch orders drawn with replacement, statistics summed in the step."""
+
+  def init(n_train, key):
+    return CountingState({d.name: jnp.zeros((d.size,)) for d in space.decisions}, jnp.zeros((n_train,), jnp.int32),
+                         jnp.zeros((), jnp.int32))
+
+  def data_indices(state, key, epoch):
+    n = state.visits.shape[0]
+    return np.random.default_rng(epoch).integers(0, n, n)
+
+  def update(state, stats):
+    assert stats["sample_scores"].shape == stats["sample_ids"].shape == (config.batch_size,)
+    norms = {k: v + stats["choice_grad_norms"][k] for k, v in state.norms.items()}
+    return CountingState(norms, state.visits.at[stats["sample_ids"]].add(1), state.epochs_done)
+
+  def on_epoch_end(state, epoch, epochs):
+    return state._replace(epochs_done=state.epochs_done + 1)
+
+  return Sampler(init, lambda state, key: sample_path(space.decisions, key), data_indices, update, on_epoch_end,
+                 needs_stats=True)
+
+
+if "test_counting" not in SAMPLERS:
+  SAMPLERS.register("test_counting")(counting_sampler)
+
+
+def test_compiles_once_with_sampled_paths_and_data(tmp_path):
+  config = TINY.replace(sampler="test_counting", epochs=4)
+  result = search(config, tmp_path, space=SPACE)
+  assert result.metrics["step_traces"] == 1
+  run, model = search_lib.build_run(config, SPACE)
+  state, host, step = Checkpointer(tmp_path / "checkpoints").restore(search_lib.init_state(run, model))
+  assert step == 32 and host["epoch"] == 4
+  assert int(state.sampler.epochs_done) == 4
+  assert int(jnp.sum(state.sampler.visits)) == 32 * config.batch_size
+  for d in SPACE.decisions:  # every choice trained on some step
+    assert np.all(np.asarray(state.sampler.norms[d.name]) > 0)
+
+
+# --- determinism, resume, divergence ---------------------------------------------------------------------------
+def test_same_seed_same_architecture_bit_for_bit(reference, tmp_path):
+  again = search(TINY, tmp_path, space=SPACE)
+  assert again.probs == reference.probs
+  for a, b in zip(state_leaves(again.supernet), state_leaves(reference.supernet)):
+    np.testing.assert_array_equal(a, b)
+  other = search(TINY.replace(seed=1), tmp_path / "seed1", space=SPACE)
+  assert other.probs != reference.probs
+
+
+def test_resume_continues_exactly(reference, tmp_path):
+  first = search(TINY, tmp_path, space=SPACE, stop_after_step=12)  # stops mid-epoch (8 steps per epoch)
+  assert Checkpointer(tmp_path / "checkpoints").latest_step() == 12 and first.metrics["step_traces"] == 1
+  with pytest.raises(ValueError, match="resume"):
+    search(TINY, tmp_path, space=SPACE)
+  resumed = search(TINY, tmp_path, space=SPACE, resume=True)
+  assert resumed.probs == reference.probs and resumed.genotype == reference.genotype
+  for a, b in zip(state_leaves(resumed.supernet), state_leaves(reference.supernet)):
+    np.testing.assert_array_equal(a, b)
+  steps = [r["step"] for r in read_metrics(tmp_path) if "train_loss" in r]
+  assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = TINY.replace(learning_rate=1e30, learning_rate_min=0.0, grad_clip=1e30, log_every=1, checkpoint_every=1)
+  with pytest.raises(DivergenceError, match=r"diverged at step \d+"):
+    search(config, tmp_path, space=SPACE)
+  checkpointer = Checkpointer(tmp_path / "checkpoints")
+  good = checkpointer.latest_step()
+  assert good is not None and read_summary(tmp_path)["diverged_at_step"] == good + 1
+  run, model = search_lib.build_run(config, SPACE)
+  state, _, _ = checkpointer.restore(search_lib.init_state(run, model))
+  for leaf in jax.tree.leaves((state.weights, state.logits)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path):
+  with pytest.raises(ValueError, match="input_shape|shape"):
+    search(TINY.replace(dataset="fashion_mnist", train_limit=64), tmp_path, space=SPACE)
+
+
+# --- data parallelism -------------------------------------------------------------------------------------------
+SHARDED_RUN = textwrap.dedent("""
+  import sys
+  sys.path.insert(0, {tests!r})
+  import jax, numpy as np
+  from flax import nnx
+  from tanglenas.config import Config
+  from tanglenas.search import search
+  from tiny_space import TinySpace
+  assert jax.device_count() == 2, jax.devices()
+  result = search(Config(**{config!r}), {workdir!r}, space=TinySpace())
+  leaves = [np.asarray(x) for x in jax.tree.leaves(nnx.state(result.supernet, nnx.Param))]
+  np.savez({out!r}, *leaves, traces=result.metrics["step_traces"])
+""")
+
+
+def test_two_devices_match_one(reference, tmp_path):
+  """Batches split over 2 (virtual CPU) devices give the single-device result up to float rounding: batch-norm
+  statistics and gradients are then reduced across devices, in another order, so bits may differ."""
+  fields = {k: v for k, v in TINY.__dict__.items() if k != "space_options"}
+  out = tmp_path / "sharded.npz"
+  script = SHARDED_RUN.format(tests=str(TESTS), config=fields, workdir=str(tmp_path / "run"), out=str(out))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+  sharded = np.load(out)
+  assert int(sharded["traces"]) == 1
+  single = [np.asarray(x) for x in jax.tree.leaves(nnx.state(reference.supernet, nnx.Param))]
+  for i, leaf in enumerate(single):
+    np.testing.assert_allclose(sharded[f"arr_{i}"], leaf, rtol=1e-4, atol=1e-5)
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  np.testing.assert_allclose(np.concatenate([summary["probs"][d.name] for d in SPACE.decisions]),
+                             np.concatenate([reference.probs[d.name] for d in SPACE.decisions]), rtol=1e-4)
+
+
+# --- the toy cell end to end ------------------------------------------------------------------------------------
+TOY = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epochs=1, batch_size=16, log_every=3,
+             wandb_mode="disabled", quiet=True, spos_eval_batches=2, spos_candidates=3)
+
+
+@pytest.mark.parametrize("strategy", ["darts", "darts2", "drnas", "gdas", "spos"])
+def test_toy_cell_search_smoke(tmp_path, strategy):
+  """Fashion-MNIST slice, channels 4 (the lax convolution compiles far faster than shifted slices)."""
+  result = search(TOY.replace(strategy=strategy), tmp_path)
+  from tanglenas.spaces import get_space
+
+  get_space("toy_cell").parse(result.genotype)
+  assert np.isfinite(result.metrics["train_loss"]) and result.metrics["step_traces"] == 1
