@@ -72,7 +72,15 @@ class Bench:
     self.forward = jax.jit(lambda arch, weights, rest, x, y: loss(arch, weights, rest, x, y)[0])
     self.weight_step = jax.jit(weight_step, donate_argnums=(0, 1, 3))
     self.search_step = jax.jit(search_step, donate_argnums=(0, 1, 2, 3, 4))
-    self._weight_step_fn = weight_step
+
+  def compile(self, train, val) -> float:
+    """Compile the steps once (ahead of time, so that the weight step's memory can be read); seconds taken."""
+    start = time.perf_counter()
+    self.weight_step = self.weight_step.lower(self.weights, self.w_opt, self.arch, self.rest, *train).compile()
+    self.search_step = self.search_step.lower(self.weights, self.w_opt, self.arch, self.a_opt, self.rest,
+                                              train, val).compile()
+    self.forward = self.forward.lower(self.arch, self.weights, self.rest, *train).compile()
+    return time.perf_counter() - start
 
   def run_forward(self, train, val):
     return self.forward(self.arch, self.weights, self.rest, *train)
@@ -87,24 +95,25 @@ class Bench:
      value) = self.search_step(self.weights, self.w_opt, self.arch, self.a_opt, self.rest, train, val)
     return value
 
-  def temp_bytes(self, train) -> int:
-    compiled = jax.jit(self._weight_step_fn).lower(self.weights, self.w_opt, self.arch, self.rest,
-                                                   *train).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+  def temp_bytes(self) -> int:
+    return self.weight_step.memory_analysis().temp_size_in_bytes
 
 
 def time_round_robin(calls: dict[str, Callable[[], jax.Array]], repeats: int, warmup: int = 2):
-  """Median seconds per call, every call timed once per round so that drifting load hits all alike."""
+  """Median wall and CPU seconds per call ({name: (wall, cpu)}), every call timed once per round so that
+  drifting load hits all alike. CPU time (all of this process's threads) is the steadier figure on a busy
+  machine; wall time is what a user waits."""
   for _ in range(warmup):
     for call in calls.values():
       call().block_until_ready()
-  times = {name: [] for name in calls}
+  wall, cpu = {name: [] for name in calls}, {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       call().block_until_ready()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
 def main():
@@ -128,34 +137,32 @@ def main():
                    jnp.asarray(rng.integers(0, space.num_classes, args.batch), jnp.int32))
   train, val = batch(), batch()
 
-  compile_s = {}
-  for name, b in benches.items():
-    start = time.perf_counter()
-    b.run_weight_step(train, val).block_until_ready()
-    compile_s[name] = time.perf_counter() - start
+  compile_s = {name: b.compile(train, val) for name, b in benches.items()}
   calls = {}
   for name, b in benches.items():
     calls[f"{name} weight step"] = lambda b=b: b.run_weight_step(train, val)
     calls[f"{name} forward"] = lambda b=b: b.run_forward(train, val)
   for name in ("we", "ws"):
     calls[f"{name} darts search step"] = lambda b=benches[name]: b.run_search_step(train, val)
-  t = time_round_robin(calls, args.repeats)
-  memory = {name: b.temp_bytes(train) for name, b in benches.items()}
+  times = time_round_robin(calls, args.repeats)
+  memory = {name: b.temp_bytes() for name, b in benches.items()}
 
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.device_count()} device(s)); "
         f"depthwise formulation: {resolve_impl(args.impl)}; toy cell C={args.channels}, batch {args.batch}, "
         f"median of {args.repeats}")
-  for name, seconds in t.items():
-    print(f"  {name:24s} {1e3 * seconds:8.1f} ms")
-  print(f"  first weight step (compile + run): " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
-  fixed_step = t["fixed weight step"]
-  print(f"  we / fixed weight step   {t['we weight step'] / fixed_step:6.2f}x   (target <= 1.5x, aim 1.3x)")
-  print(f"  ws / fixed weight step   {t['ws weight step'] / fixed_step:6.2f}x")
-  print(f"  we / ws weight step      {t['we weight step'] / t['ws weight step']:6.2f}x")
-  print(f"  we darts search step     {1e3 * t['we darts search step']:6.0f} ms (TangleNAS PyTorch: 637 ms)")
-  print("  weight-step temp memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
-  print(f"  we / ws memory           {memory['we'] / memory['ws']:6.2f}x   (target <= 0.5x)")
-  print(f"  we / fixed memory        {memory['we'] / memory['fixed']:6.2f}x")
+  print(f"  {'':26s} {'wall':>9s} {'cpu':>9s}")
+  for name, (wall, cpu) in times.items():
+    print(f"  {name:26s} {1e3 * wall:7.1f}ms {1e3 * cpu:7.1f}ms")
+  print("  compile (all three steps): " + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()))
+  for clock, c in (("wall", 0), ("cpu", 1)):
+    t = {name: v[c] for name, v in times.items()}
+    print(f"  [{clock}] we / fixed weight step {t['we weight step'] / t['fixed weight step']:5.2f}x (target <= 1.5x, "
+          f"aim 1.3x); ws / fixed {t['ws weight step'] / t['fixed weight step']:5.2f}x; we / ws "
+          f"{t['we weight step'] / t['ws weight step']:5.2f}x; we darts search step {1e3 * t['we darts search step']:.0f} ms "
+          f"(TangleNAS PyTorch: 637 ms)")
+  print("  weight-step temp memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items())
+        + f"; we / ws {memory['we'] / memory['ws']:.2f}x (target <= 0.5x); we / fixed "
+        f"{memory['we'] / memory['fixed']:.2f}x")
 
 
 if __name__ == "__main__":

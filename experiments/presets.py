@@ -18,7 +18,7 @@ TOY_EPOCHS = {"darts": 50, "darts2": 50, "drnas": 100, "gdas": 250, "spos": 250}
 # Per space: the options and data of its smoke run. Spaces whose data is not installed here (CIFAR-10)
 # smoke-test on the synthetic dataset, drawn in the space's input shape.
 SMOKE: dict[str, dict[str, Any]] = {
-  "toy_cell": dict(space_options={"channels": 4}, train_limit=4096),
+  "toy_cell": dict(space_options={"channels": 4}, train_limit=2048),
   "toy_macro": dict(dataset="synthetic"),
   "nb201": dict(space_options={"channels": 4, "cells": 1}, dataset="synthetic"),
   "darts": dict(space_options={"layers": 2, "channels": 4}, dataset="synthetic"),

@@ -1,10 +1,10 @@
 """The `tanglenas` command: search, evaluate, rank and plot.
 
-  tanglenas search --config experiments/toy_cell_darts.py --smoke     # a one-minute search on a CPU
-  tanglenas search --config experiments/toy_cell_darts.py --seed 1 --epochs 10 --mode ws
-  tanglenas evaluate runs/toy_cell_darts-seed0                        # retrain the derived architecture
-  tanglenas rank runs/toy_cell_darts-seed0 --benchmark toy_cell.pkl   # supernet ranking vs the table
-  tanglenas plot runs/toy_cell_darts-seed0                            # PNGs into the run directory
+  tanglenas search --config experiments/toy_cell_darts_we.py --smoke  # a one-minute search on a CPU
+  tanglenas search --config experiments/toy_cell_darts_ws.py --seed 1 --epochs 10
+  tanglenas evaluate runs/toy_cell_darts_we-seed0                     # retrain the derived architecture
+  tanglenas rank runs/toy_cell_darts_we-seed0 --benchmark toy.pkl      # supernet ranking vs the table
+  tanglenas plot runs/toy_cell_darts_we-seed0                         # PNGs into the run directory
 
 `tanglenas search --config FILE --help` lists every option with the experiment's default.
 """

@@ -120,6 +120,7 @@ _RANGES = (
   ("drnas_kl_weight", "at least 0", lambda v: v >= 0),
   ("gdas_tau_min", "positive", lambda v: v > 0),
   ("gm_batches", "at least 1", lambda v: v >= 1),
+  ("pada_tau", "in [0, 1)", lambda v: 0 <= v < 1),
   ("eval_epochs", "at least 0", lambda v: v >= 0),
   ("spos_candidates", "at least 1", lambda v: v >= 1),
   ("spos_eval_batches", "at least 1", lambda v: v >= 1),
@@ -193,6 +194,12 @@ def _check_combinations(config: Config, space: Any) -> None:
     if any(not 0 < e < config.epochs for e in config.gm_split_epochs):
       raise ValueError(f"gm_split_epochs {config.gm_split_epochs} must lie strictly between 0 and epochs "
                        f"({config.epochs})")
+  if config.gm_reinit and config.sampler != "gm":
+    raise ValueError(f"gm_reinit is only used by sampler gm, not {config.sampler}")
+  if config.sampler == "gm":
+    from tanglenas.samplers.gm import check_split_epochs
+
+    check_split_epochs(config, space)  # increasing, and no more splits than the space's decisions allow
 
 
 def _check_dataset(name: str, data_dir: str) -> None:

@@ -53,6 +53,8 @@ class SupernetScorer:
   def __init__(self, space: Space, supernet: nnx.Module, batches: Sequence[Batch], *,
                recalibration_batches: Sequence[Batch] | None = None):
     self.space, self.batches = space, [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
+    if recalibration_batches and len({np.shape(x) for x, _ in recalibration_batches}) > 1:
+      raise ValueError("recalibration batches must all have the same shape (drop the last, smaller batch)")
     self.recalibration_xs = (jnp.stack([jnp.asarray(x) for x, _ in recalibration_batches])
                              if recalibration_batches else None)
     eval_model = nnx.clone(supernet)

@@ -11,14 +11,15 @@ Hooks, in the order a step runs them:
 - `Sampler.paths / sample_weights / update` (tanglenas.samplers): the weight step's one-hot path, example
   weights, and the sampler's state update from the step's statistics (`stats`, when `needs_stats`).
 - host, per epoch: `Sampler.data_indices` (the epoch's training order) and `Sampler.on_epoch_end`.
+Sampler `gm` (few-shot NAS, tanglenas.samplers.gm) gives the state a leading axis of leaf supernets trained
+by the same compiled step, splits the leaves at its split epochs and ends with the best leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -110,16 +111,16 @@ def weight_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTr
   return tx, schedule
 
 
-def virtual_weight_step(config: Config, schedule: optax.Schedule) -> Callable:
-  """darts2's virtual step w' = w - xi * (momentum * buffer + grad + weight_decay * w), xi the current
-  learning rate: the SGD step the weight optimizer would take (as DARTS's `_compute_unrolled_model`), with the
-  momentum buffer from the optimizer state and without gradient clipping."""
+def virtual_weight_step(weight_tx: optax.GradientTransformation) -> Callable:
+  """darts2's virtual step `(weights, grads, opt_state) -> w'`: the weights after the step the weight optimizer
+  would take with `grads` (current learning rate xi, momentum buffer, weight decay, clipping); the optimizer
+  state it would produce is discarded. DARTS's `_compute_unrolled_model` takes w - xi * (momentum * buffer +
+  grad + wd * w), its plain-momentum SGD step without clipping; here w' is exactly where this run's optimizer
+  (Nesterov momentum, clipping) would move the weights with that gradient."""
 
-  def step(weights, grads, opt_state, step_count):
-    xi = schedule(step_count)
-    buffer = optax.tree_utils.tree_get(opt_state, "trace")
-    return jax.tree.map(lambda w, g, m: w - xi * (config.momentum * m + g + config.weight_decay * w),
-                        weights, grads, buffer)
+  def step(weights, grads, opt_state):
+    updates, _ = weight_tx.update(grads, opt_state, weights)
+    return optax.apply_updates(weights, updates)
 
   return step
 
@@ -146,7 +147,7 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
   batch statistics. The caller skips it when the strategy does not learn its architecture."""
   strategy = run.strategy
   forward = make_forward(run.graphdef, run.arch_template)
-  virtual_step = virtual_weight_step(run.config, run.schedule)
+  virtual_step = virtual_weight_step(run.weight_tx)
 
   def arch_step(state: SearchState, train: tuple, val: tuple, key: jax.Array) -> tuple[SearchState, dict]:
     (x_train, y_train, _), (x_val, y_val) = train, val
@@ -162,7 +163,7 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
         mixture = strategy.mixture(logits, state.strategy, k_train)
         return forward(weights, state.rest, mixture, x_train, y_train)[0], None
 
-      step_weights = lambda w, g: virtual_step(w, g, state.weight_opt, state.step)
+      step_weights = lambda w, g: virtual_step(w, g, state.weight_opt)
       (_, (rest, val_ce, out)), grads = unrolled_value_and_grad(val_loss, train_loss, step_weights, state.weights,
                                                                state.logits)
     else:

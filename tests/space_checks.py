@@ -63,30 +63,49 @@ def assert_one_hot_matches_standalone(space: Space, supernet: nnx.Module, genoty
   return standalones
 
 
-def _at(state, path):
+def params_at(state, path):
+  """The array at `path` in a state (or gradient) tree."""
   leaf = functools.reduce(lambda node, key: node[key], path, state)
   return np.asarray(leaf[...] if isinstance(leaf, nnx.Variable) else leaf)
 
 
-def assert_choice_masks_cover_gradients(space: Space, supernet: nnx.Module, genotype: Genotype,
-                                        x: jax.Array) -> None:
-  """Every mask names a weight and broadcasts against it; on a one-hot path, weights outside the chosen
-  choice's mask get no gradient, and some weights inside get one."""
-  model = training_mode(nnx.clone(supernet))  # its batch statistics update, the supernet's do not
-  mixture = one_hot_mixture(space.decisions, space.index_map(genotype))
-  projection = jax.random.normal(jax.random.key(1), (x.shape[0], space.num_classes))
-  grads = nnx.jit(nnx.grad(lambda model: jnp.sum(model(x, mixture) * projection)))(model)
-  params = nnx.state(supernet, nnx.Param)
-  sizes, chosen = {d.name: d.size for d in space.decisions}, space.index_map(genotype)
+def assert_choice_masks_match_weights(space: Space, supernet: nnx.Module) -> list:
+  """Every mask names a decision and a weight of the supernet, has one row per choice and broadcasts."""
+  sizes, params = {d.name: d.size for d in space.decisions}, nnx.state(supernet, nnx.Param)
   masks = space.choice_masks(supernet)
-  assert {m.decision for m in masks} <= set(sizes)
-  used = 0
+  assert masks and {m.decision for m in masks} <= set(sizes)
   for m in masks:
-    weight, grad = _at(params, m.path), _at(grads, m.path)
+    weight = params_at(params, m.path)
     assert m.masks.shape[0] == sizes[m.decision], (m.decision, m.path)
     assert np.broadcast_shapes(m.masks.shape[1:], weight.shape) == weight.shape, (m.path, m.masks.shape)
-    inside = np.broadcast_to(m.masks[chosen[m.decision]], weight.shape)
+  return masks
+
+
+def one_hot_grads(model: nnx.Module, loss_fn):
+  """`grads(*args)`: d loss_fn(model, *args) / d weights, jitted; batch statistics update on a clone only."""
+  grad_fn = nnx.jit(nnx.grad(loss_fn))
+  model = training_mode(nnx.clone(model))
+  return lambda *args: grad_fn(model, *args)
+
+
+def assert_masks_cover_gradients(masks: list, grads, chosen: dict[str, int]) -> int:
+  """On a one-hot path, weights outside the chosen choice's mask get no gradient. Returns how many masked
+  weights received a gradient inside their chosen part."""
+  used = 0
+  for m in masks:
+    grad = params_at(grads, m.path)
+    inside = np.broadcast_to(m.masks[chosen[m.decision]], grad.shape)
     assert np.all(grad[inside == 0] == 0), f"{m.decision} {m.path}: gradient outside the chosen choice's mask"
-    if inside.any() and np.any(grad[inside > 0] != 0):
-      used += 1
-  assert used > 0, "no weight of the chosen path received a gradient"
+    used += bool(inside.any() and np.any(grad[inside > 0] != 0))
+  return used
+
+
+def assert_choice_masks_cover_gradients(space: Space, supernet: nnx.Module, genotype: Genotype,
+                                        x: jax.Array) -> None:
+  """The supernet's choice masks match its weights, and on the one-hot path of `genotype` every gradient
+  lies inside the chosen choices' masks (and some does)."""
+  masks = assert_choice_masks_match_weights(space, supernet)
+  mixture = one_hot_mixture(space.decisions, space.index_map(genotype))
+  projection = jax.random.normal(jax.random.key(1), (x.shape[0], space.num_classes))
+  grads = one_hot_grads(supernet, lambda model: jnp.sum(model(x, mixture) * projection))()
+  assert assert_masks_cover_gradients(masks, grads, space.index_map(genotype)) > 0, "no gradient on the path"

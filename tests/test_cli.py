@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,33 @@ def test_load_experiment_rejects_files_without_a_config(tmp_path):
 
 def test_the_default_config_is_valid(tmp_path):
   validate(Config(), tmp_path / "run")
+
+
+@pytest.mark.slow  # a real (smoke-size) search, then every command on its run directory
+def test_search_evaluate_rank_plot_end_to_end(tmp_path, capsys):
+  import json
+
+  import numpy as np
+  import scipy.stats
+
+  from tanglenas.spaces import get_space
+
+  experiment = str(Path(__file__).parent.parent / "experiments" / "autoformer_darts.py")
+  run_dir = tmp_path / "run"
+  assert cli.main(["search", "--config", experiment, "--smoke", "--workdir", str(run_dir), "--wandb-mode",
+                   "disabled", "--quiet"]) == 0
+  assert "genotype: {" in capsys.readouterr().out
+  assert cli.main(["evaluate", str(run_dir), "--epochs", "0"]) == 0
+  assert "extracted from the supernet" in capsys.readouterr().out
+  space = get_space("autoformer", preset="tiny")
+  rng = np.random.default_rng(0)
+  keys = sorted({space.random(rng).text for _ in range(12)})
+  table = tmp_path / "table.pkl"
+  table.write_bytes(pickle.dumps({k: {"test_acc": 80.0 + i, "train_acc": 90.0} for i, k in enumerate(keys)}))
+  assert cli.main(["rank", str(run_dir), "--benchmark", str(table), "--architectures", "8"]) == 0
+  ranking = json.loads((run_dir / "ranking.json").read_text())
+  assert ranking["n"] == len(ranking["scores"]) == 8
+  assert ranking["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(ranking["scores"], ranking["accuracies"])
+                                                 .statistic, nan_ok=True)
+  assert cli.main(["plot", str(run_dir)]) == 0
+  assert {"arch_probabilities.png", "curves.png", "ranking.png"} <= {p.name for p in (run_dir / "plots").iterdir()}

@@ -230,3 +230,14 @@ def test_bad_construction():
     conv.EntangledConv(3, 4, (3,), mode="wx", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="2 choices"):
     conv.EntangledConv(3, 3, (3, 5), rngs=nnx.Rngs(0))(jnp.zeros((1, 5, 5, 3)), kernel=jnp.ones(3))
+
+
+def test_extract_copies_weights():
+  """A standalone layer must own its buffers: a supernet step that donates its state deletes the old ones."""
+  layer = conv.EntangledConv(3, 3, (3,), depthwise=True, use_bias=True, rngs=nnx.Rngs(10))
+  small = layer.extract()
+  expected = np.asarray(small.kernel[...])
+  layer.kernel[...].delete()
+  layer.bias[...].delete()
+  np.testing.assert_array_equal(small.kernel[...], expected)
+  assert small.bias[...].shape == (3,)

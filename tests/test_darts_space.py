@@ -9,13 +9,15 @@ import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from space_checks import assert_choice_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs
+from space_checks import (assert_choice_masks_match_weights, assert_masks_cover_gradients,
+                          assert_one_hot_matches_standalone, fast_rngs, one_hot_grads, params_at, training_mode)
 from tanglenas.spaces import count_params, get_space
-from tanglenas.spaces.darts import OPS
+from tanglenas.spaces.darts import OPS, MixedEdge
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -29,12 +31,17 @@ DARTS_V2 = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_co
 
 @pytest.fixture(scope="module")
 def space():
-  return get_space("darts", layers=LAYERS, channels=C, input_shape=(16, 16, 3))
+  # lax depthwise convolutions: the CPU default (shifted slices) compiles far longer for a graph this size.
+  return get_space("darts", layers=LAYERS, channels=C, input_shape=(16, 16, 3), impl="lax")
 
 
-@pytest.fixture(scope="module", params=["we", "ws"])
-def supernet(request, space):
-  return request.param, space.supernet(mode=request.param, rngs=fast_rngs())
+@pytest.fixture(scope="module")
+def supernets(space):
+  return {mode: space.supernet(mode=mode, rngs=fast_rngs()) for mode in ("we", "ws")}
+
+
+# The ws network's one-hot check compiles for ~15 s on 2 cores; its operations are checked per edge below.
+MODES = ["we", pytest.param("ws", marks=pytest.mark.slow)]
 
 
 def op_params(op, c, stride):
@@ -156,46 +163,69 @@ def test_derive_keeps_the_two_strongest_edges_per_node(space):
     assert space.derive(one_hot) == g
 
 
-def test_supernet_param_counts(space):
+def test_supernet_param_counts(supernets):
   """`we`: per edge a sep and a dil family on 5x5 super-kernels; `ws`: all four conv operations. Reduction
   cells add a FactorizedReduce (skip_connect) on their 8 stride-2 edges."""
   skips = lambda reduction, c: 8 * c * c if reduction else 0
   we = network_params(lambda r, c: 14 * (op_params("sep_conv_5x5", c, 1) + op_params("dil_conv_5x5", c, 1))
                       + skips(r, c), LAYERS, C)
   ws = network_params(lambda r, c: 14 * sum(op_params(op, c, 1) for op in OPS[4:]) + skips(r, c), LAYERS, C)
-  counts = [count_params(nnx.eval_shape(lambda: space.supernet(mode=m, rngs=nnx.Rngs(0)))) for m in ("we", "ws")]
-  assert counts == [we, ws]
+  assert [count_params(supernets[m]) for m in ("we", "ws")] == [we, ws]
   assert we < ws
 
 
-def test_one_hot_supernet_equals_standalone(space, supernet):
-  _, net = supernet
+@pytest.mark.parametrize("mode", MODES)
+def test_one_hot_supernet_equals_standalone(space, supernets, mode):
+  net = supernets[mode]
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   genotypes = [space.random(np.random.default_rng(1)), space.parse(DARTS_V2)]
   for g, standalone in zip(genotypes, assert_one_hot_matches_standalone(space, net, genotypes, x)):
     assert count_params(standalone) == standalone_params(g.text)
 
 
-def test_weighted_family_mix_one_hot_equals_standalone(space):
-  weighted = get_space("darts", layers=2, channels=C, family_mix="weighted", input_shape=(8, 8, 3))
-  net = weighted.supernet(mode="we", rngs=fast_rngs())
-  genotypes = [weighted.random(np.random.default_rng(s)) for s in (2, 3)]
-  assert_one_hot_matches_standalone(weighted, net, genotypes, jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+EDGE_CONFIGS = [("we", "reference"), ("we", "weighted"), ("ws", "reference")]
 
 
-def test_params_grow_with_kernel(space, supernet):
-  _, net = supernet
-  base = space.parse(DARTS_V2).text
-  counts = [count_params(space.standalone(net, space.parse(base.replace("('dil_conv_3x3', 2)", f"('{op}', 2)"))))
-            for op in ("skip_connect", "dil_conv_3x3", "dil_conv_5x5", "sep_conv_5x5")]
-  assert counts == sorted(counts) and len(set(counts)) == 4
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode, family_mix", EDGE_CONFIGS)
+def test_edge_one_hot_equals_each_extracted_operation(mode, family_mix, stride):
+  """Every operation of a supernet edge, in every mode and family mix, normal and stride 2 (training mode:
+  see space_checks.training_mode)."""
+  edge = training_mode(MixedEdge(C, stride, mode=mode, family_mix=family_mix, impl="lax", rngs=fast_rngs()))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, C))
+  for k, op in enumerate(OPS):
+    expected = training_mode(edge.extract(k))(x)
+    assert expected.shape == (2, 8 // stride, 8 // stride, C), op
+    np.testing.assert_allclose(edge(x, jnp.eye(len(OPS))[k]), expected, rtol=1e-5, atol=1e-5, err_msg=op)
+    assert count_params(edge.extract(k)) == op_params(op, C, stride), op
 
 
-def test_choice_masks_cover_gradients(space, supernet):
-  _, net = supernet
-  g = space.parse(DARTS_V2.replace("('dil_conv_3x3', 2)", "('sep_conv_5x5', 2)").replace(
-      "('skip_connect', 2), ('max_pool_3x3', 1)]", "('avg_pool_3x3', 2), ('dil_conv_5x5', 1)]"))
-  assert_choice_masks_cover_gradients(space, net, g, jax.random.normal(jax.random.key(0), (2, 16, 16, 3)))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["we", "ws"])
+def test_edge_choice_masks_cover_gradients(mode, stride):
+  edge = MixedEdge(C, stride, mode=mode, family_mix="reference", impl="lax", rngs=fast_rngs())
+  masks = edge.choice_masks((), "edge")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, C))
+  projection = jax.random.normal(jax.random.key(1), (2, 8 // stride, 8 // stride, C))
+  grads = one_hot_grads(edge, lambda edge, w: jnp.sum(edge(x, w) * projection))
+  params = nnx.state(edge, nnx.Param)
+  for k, op in enumerate(OPS):
+    used = assert_masks_cover_gradients(masks, grads(jnp.eye(len(OPS))[k]), {"edge": k})
+    assert (used > 0) == (op_params(op, C, stride) > 0), op
+  for m in masks:  # the masks of a choice cover exactly the weights its extracted operation holds
+    assert m.masks.shape[0] == len(OPS)
+  held = [sum(int(np.sum(np.broadcast_to(m.masks[k], np.shape(params_at(params, m.path))))) for m in masks)
+          for k in range(len(OPS))]
+  assert held == [count_params(edge.extract(k)) for k in range(len(OPS))]
+
+
+@pytest.mark.parametrize("mode", ["we", "ws"])
+def test_network_choice_masks(space, supernets, mode):
+  """Network level: masks name real weights, and each edge's decision belongs to its cell's kind."""
+  net = supernets[mode]
+  for m in assert_choice_masks_match_weights(space, net):
+    cell = net.cells[m.path[1]]
+    assert m.decision == f"{'reduce' if cell.reduction else 'normal'}_e{m.path[3]}"
 
 
 @pytest.mark.parametrize("options, message", [({"family_mix": "sum"}, "family_mix"),
@@ -204,3 +234,11 @@ def test_choice_masks_cover_gradients(space, supernet):
 def test_bad_options(options, message):
   with pytest.raises(ValueError, match=message):
     get_space("darts", **options)
+
+
+def test_params_grow_with_kernel(space, supernets):
+  base = space.parse(DARTS_V2).text
+  counts = [count_params(space.standalone(supernets["we"], space.parse(base.replace("('dil_conv_3x3', 2)",
+                                                                                     f"('{op}', 2)"))))
+            for op in ("skip_connect", "dil_conv_3x3", "sep_conv_5x5")]
+  assert counts[0] < counts[1] < counts[2]

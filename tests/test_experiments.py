@@ -68,3 +68,12 @@ def test_smoke_search_runs_and_reports_its_architecture(path, tmp_path, capsys):
   summary = read_summary(workdir)
   assert f"genotype: {summary['genotype']}" in out
   assert "accuracy" in out and 0.0 <= summary["evaluation"]["extracted_test_acc"] <= 1.0
+
+
+def test_smoke_data_of_spaces_without_installed_data_is_shaped_like_the_space():
+  from tanglenas.data import load_for_space
+
+  for name in ("toy_macro", "nb201"):
+    space = get_space(name)
+    data = load_for_space("synthetic", None, space)
+    assert data.train_x.shape[1:] == tuple(space.input_shape) and data.num_classes == space.num_classes

@@ -239,15 +239,16 @@ def test_leaf_step_vmaps_over_slots_and_averages_metrics_over_active_leaves():
     loss = jnp.sum(s.weights["w"]) * train
     return s._replace(step=s.step + 1, weights={"w": s.weights["w"] * 2}), {"loss": loss, "finite": loss < 10}
 
-  step = jax.jit(gm.leaf_step(step_fn))
   stacked = with_slot(with_slot(stacked, 1, 3.0, True), 3, 10.0, False)  # slot 3 inactive and "diverged"
-  new, metrics = step(stacked, 1.0, None)
-  assert int(new.step) == 1
-  np.testing.assert_allclose(new.weights["w"][:, 0], [2, 6, 2, 20])
-  assert float(metrics["loss"]) == pytest.approx((2 + 6) / 2)  # only the active slots 0 and 1 count
-  assert bool(metrics["finite"])  # the inactive slot's non-finite flag is ignored ...
-  _, metrics = step(with_slot(stacked, 1, 6.0, True), 1.0, None)
-  assert not bool(metrics["finite"])  # ... an active one's is not
+  for sequential in (False, True):  # vmap, lax.map: the same results
+    step = jax.jit(gm.leaf_step(step_fn, sequential=sequential))
+    new, metrics = step(stacked, 1.0, None)
+    assert int(new.step) == 1 and new.step.shape == ()
+    np.testing.assert_allclose(new.weights["w"][:, 0], [2, 6, 2, 20])
+    assert float(metrics["loss"]) == pytest.approx((2 + 6) / 2)  # only the active slots 0 and 1 count
+    assert bool(metrics["finite"])  # the inactive slot's non-finite flag is ignored ...
+    _, metrics = step(with_slot(stacked, 1, 6.0, True), 1.0, None)
+    assert not bool(metrics["finite"])  # ... an active one's is not
 
 
 # --- searches ---------------------------------------------------------------------------------------------------
@@ -271,8 +272,11 @@ def final_state(config, workdir):
                                              pytest.param("gdas", False, marks=pytest.mark.slow)])
 def test_search_splits_into_two_leaves_trained_by_one_compiled_step(tmp_path, strategy, reinit):
   config = TINY.replace(strategy=strategy, gm_reinit=reinit)
+  gm._GRAMS.clear()
   result = search(config, tmp_path, space=TINY_SPACE)
   assert result.metrics["step_traces"] == 1 and np.isfinite(result.metrics["train_loss"])
+  (gram,) = gm._GRAMS.values()
+  assert gram._cache_size() == 2, "GM scores compile once per number of choices (3 kernels, 2 widths)"
   assert set(result.metrics["gm_leaves"]) == {"0", "1"}
   splits = [r for r in read_metrics(tmp_path) if "gm/split_leaf0" in r]
   assert len(splits) == 1 and splits[0]["step"] == 8

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from space_checks import (assert_choice_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs,
-                          training_mode)
-from tanglenas.nn.arch import one_hot_mixture
+from space_checks import (assert_choice_masks_cover_gradients, assert_choice_masks_match_weights,
+                          assert_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs, one_hot_grads,
+                          params_at, training_mode)
 from tanglenas.spaces import count_params, get_space
-from tanglenas.spaces.nb201 import OPS, EntangledEdge, pool_3x3
+from tanglenas.spaces.nb201 import OPS, EntangledEdge, SharedEdge, pool_3x3
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -33,14 +33,18 @@ def supernet(request, space):
   return request.param, space.supernet(mode=request.param, rngs=fast_rngs())
 
 
+def op_params(op, c):
+  """ReLU-Conv-BN: k x k x c x c kernel, affine BN; none, skip and pooling hold no weights."""
+  return {"nor_conv_1x1": c * c + 2 * c, "nor_conv_3x3": 9 * c * c + 2 * c}.get(op, 0)
+
+
 def standalone_params(ops, channels, cells):
-  """Stem conv + BN; per cell, k*k*c*c + 2c (affine BN) for each conv edge; two residual blocks (3x3 stride-2
-  conv + BN, 3x3 conv + BN, 1x1 shortcut); last BN; linear classifier."""
-  kernel = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
+  """Stem conv + BN; each cell's conv edges; two residual blocks (3x3 stride-2 conv + BN, 3x3 conv + BN,
+  1x1 shortcut); last BN; linear classifier."""
   total = 27 * channels + 2 * channels
   for stage in range(3):
     c = channels * 2 ** stage
-    total += cells * sum(kernel[op] ** 2 * c * c + 2 * c for op in ops if op in kernel)
+    total += cells * sum(op_params(op, c) for op in ops)
     if stage:
       total += 9 * (c // 2) * c + 2 * c + 9 * c * c + 2 * c + (c // 2) * c
   return total + 2 * 4 * channels + 4 * channels * 10 + 10
@@ -90,8 +94,8 @@ def test_supernet_param_counts(space):
   skeleton = standalone_params([], C, N)
   channels = [C * 2 ** s for s in range(3)]
   we, ws = (count_params(nnx.eval_shape(lambda: space.supernet(mode=m, rngs=nnx.Rngs(0)))) for m in ("we", "ws"))
-  assert we == skeleton + 6 * N * sum(9 * c * c + 2 * c for c in channels)
-  assert ws == skeleton + 6 * N * sum(9 * c * c + 2 * c + c * c + 2 * c for c in channels)
+  assert we == skeleton + 6 * N * sum(op_params("nor_conv_3x3", c) for c in channels)
+  assert ws == skeleton + 6 * N * sum(op_params("nor_conv_3x3", c) + op_params("nor_conv_1x1", c) for c in channels)
   assert we < ws
 
 
@@ -114,13 +118,12 @@ def test_conv_family_output_scales_with_its_total_weight():
   """`we`: the edge is w_skip * x + w_pool * pool(x) + s * RCB(x; kernel mixture / s), s = w1 + w3, so the
   convolutions' total weight is not normalized away by their batch norm."""
   edge = training_mode(EntangledEdge(C, impl="auto", rngs=fast_rngs()))
+  forward = nnx.jit(lambda edge, x, w: (edge(x, w), edge.conv(x, kernel=w[2:4] / (w[2] + w[3]))))
   x = jax.random.normal(jax.random.key(2), (2, 6, 6, C))
-  w = jnp.array([0.1, 0.2, 0.15, 0.45, 0.1])
-  conv_only = edge.conv(x, kernel=jnp.array([0.25, 0.75]))  # 0.15 and 0.45 normalized by their total 0.6
-  expected = 0.2 * x + 0.6 * conv_only + 0.1 * pool_3x3(x, "avg")
-  np.testing.assert_allclose(edge(x, w), expected, rtol=1e-5, atol=1e-6)
-  zero = edge(x, jnp.array([0.0, 0.5, 0.0, 0.0, 0.5]))  # no conv weight: the BN's bias does not leak in
-  np.testing.assert_allclose(zero, 0.5 * x + 0.5 * pool_3x3(x, "avg"), rtol=1e-6, atol=1e-6)
+  mixed, conv_only = forward(edge, x, jnp.array([0.1, 0.2, 0.15, 0.45, 0.1]))  # s = 0.6
+  np.testing.assert_allclose(mixed, 0.2 * x + 0.6 * conv_only + 0.1 * pool_3x3(x, "avg"), rtol=1e-5, atol=1e-6)
+  no_conv, _ = forward(edge, x, jnp.array([0.0, 0.5, 0.0, 0.0, 0.5]))  # the BN's bias does not leak in
+  np.testing.assert_allclose(no_conv, 0.5 * x + 0.5 * pool_3x3(x, "avg"), rtol=1e-6, atol=1e-6)
 
 
 def test_avg_pool_excludes_padding():
@@ -131,10 +134,33 @@ def test_avg_pool_excludes_padding():
 
 
 def test_choice_masks_cover_gradients(space, supernet):
-  _, net = supernet
+  mode, net = supernet
+  if mode == "ws":  # its masks are checked per edge below; the network's gradient compiles for ~8 s
+    assert_choice_masks_match_weights(space, net)
+    return
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   text = "|nor_conv_1x1~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_1x1~1|none~2|"  # every op
   assert_choice_masks_cover_gradients(space, net, space.parse(text), x)
+
+
+@pytest.mark.parametrize("edge_type", [EntangledEdge, SharedEdge])
+def test_edge_one_hot_and_choice_masks(edge_type):
+  """Per operation: the one-hot edge equals the extracted operation, gradients stay inside the operation's
+  masks, and the masks cover exactly the weights the extracted operation holds."""
+  edge = training_mode(edge_type(C, impl="auto", rngs=fast_rngs()))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, C))
+  projection = jax.random.normal(jax.random.key(1), x.shape)
+  masks = edge.choice_masks((), "edge")
+  grads = one_hot_grads(edge, lambda edge, w: jnp.sum(edge(x, w) * projection))
+  params = nnx.state(edge, nnx.Param)
+  for k, op in enumerate(OPS):
+    w = jnp.eye(len(OPS))[k]
+    extracted = training_mode(edge.extract(k))
+    np.testing.assert_allclose(edge(x, w), extracted(x), rtol=1e-5, atol=1e-5, err_msg=op)
+    used = assert_masks_cover_gradients(masks, grads(w), {"edge": k})
+    held = sum(int(np.sum(np.broadcast_to(m.masks[k], np.shape(params_at(params, m.path))))) for m in masks)
+    assert held == count_params(extracted) == op_params(op, C), op
+    assert (used > 0) == (op.startswith("nor_conv")), op
 
 
 def test_bad_options():

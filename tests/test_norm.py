@@ -129,3 +129,13 @@ def test_layer_norm_over_a_prefix_is_the_layer_norm_of_the_prefix(width):
   np.testing.assert_allclose(norm.extract(width)(x[..., :width]), expected, rtol=1e-4, atol=1e-5)
   if width == 5:
     np.testing.assert_allclose(norm(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_copies_statistics_and_parameters():
+  """Extracted norms own their buffers (a donating supernet step deletes the supernet's)."""
+  norm, layer_norm = BatchNorm(3), LayerNorm(3)
+  small, small_ln = norm.extract(), layer_norm.extract()
+  for variable in (norm.mean, norm.var, norm.count, norm.scale, norm.bias, layer_norm.scale, layer_norm.bias):
+    variable[...].delete()
+  np.testing.assert_array_equal(small.var[...], np.ones(3))
+  np.testing.assert_array_equal(small_ln.scale[...], np.ones(3))

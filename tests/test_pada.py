@@ -208,6 +208,7 @@ def test_search_with_pada_resumes_exactly(tmp_path, strategy, weights):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_toy_cell_search_with_pada(tmp_path):
   """Fashion-MNIST slice, channels 4; two epochs so the second one is drawn from q and paths from p."""
   from tanglenas.spaces import get_space

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -35,7 +36,9 @@ TINY = Config(space="tiny", dataset="synthetic", epochs=3, batch_size=16, log_ev
 
 
 def state_leaves(module: nnx.Module) -> list[np.ndarray]:
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module)) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  """Every array of a module's state (typed PRNG keys as their raw data)."""
+  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+          for x in jax.tree.leaves(nnx.state(module))]
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +206,54 @@ TOY = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epoch
              wandb_mode="disabled", quiet=True, spos_eval_batches=2, spos_candidates=3)
 
 
-@pytest.mark.parametrize("strategy", ["darts", "darts2", "drnas", "gdas", "spos"])
+SLOW = pytest.mark.slow  # 30-100 s each on a busy 2-core machine: compiling the toy cell dominates
+
+
+@pytest.mark.parametrize("strategy", ["darts", "spos", pytest.param("darts2", marks=SLOW),
+                                      pytest.param("drnas", marks=SLOW), pytest.param("gdas", marks=SLOW)])
 def test_toy_cell_search_smoke(tmp_path, strategy):
-  """Fashion-MNIST slice, channels 4 (the lax convolution compiles far faster than shifted slices)."""
+  """Fashion-MNIST slice, channels 4 (the lax convolution compiles far faster than shifted slices). The
+  strategies marked slow run end to end on the tiny space in the default suite."""
   result = search(TOY.replace(strategy=strategy), tmp_path)
   from tanglenas.spaces import get_space
 
   get_space("toy_cell").parse(result.genotype)
   assert np.isfinite(result.metrics["train_loss"]) and result.metrics["step_traces"] == 1
+
+
+# --- optimizers ------------------------------------------------------------------------------------------------
+def test_weight_optimizer_is_pytorch_sgd_nesterov_with_l2_clipping_and_cosine():
+  """Three steps against PyTorch's rules by hand: clip_grad_norm_, then d = g + wd w, buf = m buf + d,
+  w -= lr_t (d + m buf), lr_t = lr_min + (lr - lr_min) (1 + cos(pi t / T)) / 2."""
+  config = Config(learning_rate=0.1, learning_rate_min=0.01, momentum=0.9, weight_decay=0.05, grad_clip=1.0)
+  total = 4
+  tx, schedule = search_lib.weight_optimizer(config, total)
+  w = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  grads = [{"a": jnp.array([0.3, 0.1]), "b": jnp.array(-0.2)}, {"a": jnp.array([3.0, -4.0]), "b": jnp.array(0.0)},
+           {"a": jnp.array([-0.1, 0.2]), "b": jnp.array(0.4)}]
+  state, expected, buf = tx.init(w), {k: np.asarray(v, np.float64) for k, v in w.items()}, None
+  update = jax.jit(tx.update)
+  for t, g in enumerate(grads):
+    updates, state = update(g, state, w)
+    w = optax.apply_updates(w, updates)
+    norm = np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in g.values()))
+    scale = min(1.0, 1.0 / norm)
+    lr = 0.01 + (0.1 - 0.01) * (1 + np.cos(np.pi * t / total)) / 2
+    np.testing.assert_allclose(schedule(t), lr, rtol=1e-6)
+    d = {k: scale * np.asarray(g[k], np.float64) + 0.05 * expected[k] for k in g}
+    buf = d if buf is None else {k: 0.9 * buf[k] + d[k] for k in d}
+    expected = {k: expected[k] - lr * (d[k] + 0.9 * buf[k]) for k in d}
+    for k in w:
+      np.testing.assert_allclose(w[k], expected[k], rtol=1e-5)
+
+
+def test_darts2_virtual_step_is_the_weight_optimizers_next_step():
+  config = Config(learning_rate=0.2, momentum=0.9, weight_decay=0.01)
+  tx, _ = search_lib.weight_optimizer(config, 10)
+  w = {"a": jnp.array([1.0, -0.5, 2.0])}
+  state = tx.init(w)
+  _, state = tx.update({"a": jnp.array([0.5, 0.5, -1.0])}, state, w)  # a non-zero momentum buffer
+  g = {"a": jnp.array([0.1, -0.3, 0.2])}
+  updates, _ = tx.update(g, state, w)
+  virtual = search_lib.virtual_weight_step(tx)(w, g, state)
+  np.testing.assert_allclose(virtual["a"], w["a"] + updates["a"], rtol=1e-6)

@@ -98,7 +98,8 @@ def test_we_has_fewer_params_than_ws(space):
 def test_one_hot_supernet_equals_standalone(space, supernet):
   _, net = supernet
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  genotypes = [space.random(np.random.default_rng(1)), space.genotype([0] * 8), space.genotype([2, 0, 1, 2, 0, 2, 1, 0])]
+  genotypes = [space.random(np.random.default_rng(1)), space.genotype([0] * 8),
+               space.genotype([2, 0, 1, 2, 0, 2, 1, 0])]
   for g, standalone in zip(genotypes, assert_one_hot_matches_standalone(space, net, genotypes, x)):
     widths = [w[i] for w, i in zip(WIDTHS, g.indices[:4])]
     assert count_params(standalone) == standalone_params(widths, [KERNELS[i] for i in g.indices[4:]])

@@ -8,6 +8,7 @@ Dense convolutions always use `lax.conv_general_dilated` (the fastest JAX form o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -38,7 +39,13 @@ def output_size(size: int, kernel: int, *, stride: int, dilation: int, padding: 
 
 def depthwise_conv(x_NHWC: jax.Array, kernel_HWC: jax.Array, *, stride: int = 1, dilation: int = 1,
                    padding: int = 0, impl: str = "auto") -> jax.Array:
-  """Depthwise 2-D convolution (one filter per channel) in the formulation `impl` resolves to."""
+  """Depthwise 2-D convolution (one filter per channel) in the formulation `impl` resolves to.
+
+  `shifted`: the sum over taps of a shifted, strided slice of the padded input times the tap's weight, one
+  fused loop; its gradients are written out (`_shifted_depthwise_bwd`) because XLA's reverse of the slices
+  (a sum of pads, and one slow reduction per tap) costs 10-50x the forward on CPU. Reverse mode only.
+  `lax`: XLA's grouped convolution.
+  """
   kh, kw, channels = kernel_HWC.shape
   if x_NHWC.shape[-1] != channels:
     raise ValueError(f"depthwise kernel has {channels} channels but the input has {x_NHWC.shape[-1]}")
@@ -46,25 +53,91 @@ def depthwise_conv(x_NHWC: jax.Array, kernel_HWC: jax.Array, *, stride: int = 1,
     return lax.conv_general_dilated(
         x_NHWC, kernel_HWC[:, :, None, :], (stride, stride), [(padding, padding)] * 2,
         rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSIONS, feature_group_count=channels)
-  n, h, w, _ = x_NHWC.shape
-  ho = output_size(h, kh, stride=stride, dilation=dilation, padding=padding)
-  wo = output_size(w, kw, stride=stride, dilation=dilation, padding=padding)
-  padded = jnp.pad(x_NHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding)
+
+
+def _correlate(padded_NHWC: jax.Array, kernel_HWC: jax.Array, stride: int, dilation: int,
+               out_hw: tuple[int, int]) -> jax.Array:
+  """sum_ij padded[:, i*d + s*a, j*d + s*b] * kernel[i, j]: a "valid" depthwise correlation, one loop fusion."""
+  n, _, _, channels = padded_NHWC.shape
   out = None
-  for i in range(kh):
-    for j in range(kw):
-      start = (0, i * dilation, j * dilation, 0)
-      limit = (n, start[1] + (ho - 1) * stride + 1, start[2] + (wo - 1) * stride + 1, channels)
-      tap = lax.slice(padded, start, limit, (1, stride, stride, 1)) * kernel_HWC[i, j].reshape(1, 1, 1, -1)
+  for i in range(kernel_HWC.shape[0]):
+    for j in range(kernel_HWC.shape[1]):
+      tap = _tap(padded_NHWC, i * dilation, j * dilation, stride, out_hw) * kernel_HWC[i, j].reshape(1, 1, 1, -1)
       out = tap if out is None else out + tap
   return out
 
 
+def _tap(padded_NHWC: jax.Array, top: int, left: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  """The strided window of `padded` that multiplies the kernel tap at offset (top, left)."""
+  n, _, _, channels = padded_NHWC.shape
+  limit = (n, top + (out_hw[0] - 1) * stride + 1, left + (out_hw[1] - 1) * stride + 1, channels)
+  return lax.slice(padded_NHWC, (0, top, left, 0), limit, (1, stride, stride, 1))
+
+
+def _pad_hw(x_NHWC: jax.Array, low: int, high_h: int, high_w: int, interior: int = 0) -> jax.Array:
+  """Spatial zero padding (negative values crop); `interior` zeros between rows/columns dilate the map."""
+  config = [(0, 0, 0), (low, high_h, interior), (low, high_w, interior), (0, 0, 0)]
+  return lax.pad(x_NHWC, jnp.zeros((), x_NHWC.dtype), config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding):
+  kh, kw, _ = kernel_HWC.shape
+  out_hw = (output_size(x_NHWC.shape[1], kh, stride=stride, dilation=dilation, padding=padding),
+            output_size(x_NHWC.shape[2], kw, stride=stride, dilation=dilation, padding=padding))
+  return _correlate(_pad_hw(x_NHWC, padding, padding, padding), kernel_HWC, stride, dilation, out_hw)
+
+
+def _shifted_depthwise_fwd(x_NHWC, kernel_HWC, stride, dilation, padding):
+  return _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding), (x_NHWC, kernel_HWC)
+
+
+def _shifted_depthwise_bwd(stride, dilation, padding, residuals, g_NHWC):
+  """Both gradients as fused loops: the input's is the correlation of the stride-dilated output gradient
+  with the flipped kernel; the kernel's is, per tap, the product of the input window and the output
+  gradient, summed over width by unrolled adds (XLA's CPU reduce of a sliced product is ~10x slower)."""
+  x_NHWC, kernel_HWC = residuals
+  kh, kw, _ = kernel_HWC.shape
+  _, h, w, _ = x_NHWC.shape
+  ho, wo = g_NHWC.shape[1:3]
+  # dx[y] = sum_i g_dilated[y + padding - i*d]: pad the dilated gradient so that the flipped taps land.
+  low = (kh - 1) * dilation - padding
+  g_padded = _pad_hw(g_NHWC, low, h + padding - (ho - 1) * stride - 1, w + padding - (wo - 1) * stride - 1,
+                     interior=stride - 1)
+  dx = _correlate(g_padded, kernel_HWC[::-1, ::-1], 1, dilation, (h, w))
+
+  x_padded = _pad_hw(x_NHWC, padding, padding, padding)
+  rows = []
+  for i in range(kh):  # one fusion per kernel row: taps of a row share their input rows
+    taps = [_sum_width(_tap(x_padded, i * dilation, j * dilation, stride, (ho, wo)) * g_NHWC) for j in range(kw)]
+    rows.append(jnp.sum(jnp.stack(taps), axis=(1, 2)))
+  return dx, jnp.stack(rows).astype(kernel_HWC.dtype)
+
+
+def _sum_width(a_NHWC: jax.Array) -> jax.Array:
+  """Sum over the width axis as unrolled adds of column slices (halving first when wide), one loop fusion."""
+  while a_NHWC.shape[2] > 16:
+    half = a_NHWC.shape[2] // 2
+    folded = a_NHWC[:, :, :half] + a_NHWC[:, :, half:2 * half]
+    a_NHWC = folded if a_NHWC.shape[2] % 2 == 0 else folded.at[:, :, 0].add(a_NHWC[:, :, -1])
+  total = a_NHWC[:, :, 0]
+  for col in range(1, a_NHWC.shape[2]):
+    total = total + a_NHWC[:, :, col]
+  return total
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
 def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilation: int = 1,
            padding: int = 0) -> jax.Array:
-  """Dense 2-D convolution."""
+  """Dense 2-D convolution; a 1x1 kernel without padding runs as a matmul over channels (faster on CPU)."""
   if x_NHWC.shape[-1] != kernel_HWIO.shape[2]:
     raise ValueError(f"kernel expects {kernel_HWIO.shape[2]} input channels, input has {x_NHWC.shape[-1]}")
+  if kernel_HWIO.shape[:2] == (1, 1) and padding == 0:
+    strided = x_NHWC[:, ::stride, ::stride] if stride > 1 else x_NHWC
+    return lax.dot_general(strided, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
   return lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSIONS)
 
@@ -179,9 +252,10 @@ class EntangledConv(nnx.Module):
       source = masks_lib.centre_crop(self.kernel[...], size)
     else:
       source = self.kernels[ki if self.depthwise else ki * len(self.out_widths) + oi][...]
-    new.kernel = nnx.Param(source[..., :out_w] if self.depthwise else source[:, :, :in_w, :out_w])
+    # Copies, never views: a no-op slice returns the same buffer, which a donating supernet step would delete.
+    new.kernel = nnx.Param(jnp.copy(source[..., :out_w] if self.depthwise else source[:, :, :in_w, :out_w]))
     if self.bias is not None:
-      new.bias = nnx.Param(self.bias[...][:out_w])
+      new.bias = nnx.Param(jnp.copy(self.bias[...][:out_w]))
     return new
 
 

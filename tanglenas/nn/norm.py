@@ -34,8 +34,7 @@ class BatchNorm(nnx.Module):
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      mean = jnp.mean(x, axes)
-      var = jnp.mean(jnp.square(x - _channels_last(mean, x.ndim)), axes)
+      mean, var = _moments(x, axes)
       self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), x.size // x.shape[-1])
     y = (x - _channels_last(mean, x.ndim)) * _channels_last(jax.lax.rsqrt(var + self.epsilon), x.ndim)
     if self.scale is not None:
@@ -46,28 +45,31 @@ class BatchNorm(nnx.Module):
 
   def _update_running(self, mean: jax.Array, var: jax.Array, n: int) -> None:
     """Fold one batch's mean and biased variance over `n` values per channel into the running statistics."""
+    # set_value, not `[...] =`: under a trace flax's indexed set asks each tracer for its sharding, whose error
+    # message walks the whole trace, making tracing quadratic in the number of batch norms.
     seen = self.count[...]
     if self.momentum is None:  # pooled statistics (Chan, Golub & LeVeque 1979), exact over all batches seen
       total = seen + n
       delta = mean - self.mean[...]
       squares = self.var[...] * jnp.maximum(seen - 1, 0) + var * n + jnp.square(delta) * (seen * n / total)
-      self.mean[...] = self.mean[...] + delta * (n / total)
-      self.var[...] = squares / jnp.maximum(total - 1, 1)
+      self.mean.set_value(self.mean[...] + delta * (n / total))
+      self.var.set_value(squares / jnp.maximum(total - 1, 1))
     else:
       unbiased = var * (n / max(n - 1, 1))
-      self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * mean
-      self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
-    self.count[...] = seen + n
+      self.mean.set_value((1 - self.momentum) * self.mean[...] + self.momentum * mean)
+      self.var.set_value((1 - self.momentum) * self.var[...] + self.momentum * unbiased)
+    self.count.set_value(seen + n)
 
   def extract(self, width: int | None = None) -> BatchNorm:
     """The batch norm of the first `width` channels, statistics and affine parameters sliced."""
     width = self.num_features if width is None else width
     new = BatchNorm(width, affine=self.scale is not None, momentum=self.momentum, epsilon=self.epsilon,
                     use_running_average=self.use_running_average)
-    new.mean[...], new.var[...] = self.mean[...][:width], self.var[...][:width]
-    new.count[...] = self.count[...]
+    # Copies, never views: a no-op slice returns the same buffer, which a donating supernet step would delete.
+    new.mean[...], new.var[...] = jnp.copy(self.mean[...][:width]), jnp.copy(self.var[...][:width])
+    new.count[...] = jnp.copy(self.count[...])
     if self.scale is not None:
-      new.scale[...], new.bias[...] = self.scale[...][:width], self.bias[...][:width]
+      new.scale[...], new.bias[...] = jnp.copy(self.scale[...][:width]), jnp.copy(self.bias[...][:width])
     return new
 
 
@@ -96,8 +98,18 @@ class LayerNorm(nnx.Module):
   def extract(self, width: int | None = None) -> LayerNorm:
     width = self.num_features if width is None else width
     new = LayerNorm(width, epsilon=self.epsilon)
-    new.scale[...], new.bias[...] = self.scale[...][:width], self.bias[...][:width]
+    new.scale[...], new.bias[...] = jnp.copy(self.scale[...][:width]), jnp.copy(self.bias[...][:width])
     return new
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance in one pass over `x` (both reductions fuse into one loop). The values are
+  shifted by the first example's, a constant, so E[x^2] - E[x]^2 does not cancel catastrophically."""
+  shift = jax.lax.stop_gradient(x[(0,) * len(axes)])
+  shifted = x - _channels_last(shift, x.ndim)
+  mean_shifted = jnp.mean(shifted, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(shifted), axes) - jnp.square(mean_shifted), 0.0)
+  return mean_shifted + shift, var
 
 
 def _channels_last(v: jax.Array, ndim: int) -> jax.Array:

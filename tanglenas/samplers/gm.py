@@ -15,10 +15,10 @@
 Every leaf splits at each epoch of `Config.gm_split_epochs`, so S splits give 2^S leaves.
 
 Leaves train in ONE compiled step: the search state gets a leading leaf axis of size 2^S from the start
-and the step is `jax.vmap`-ed over it; slots not yet in use (`GMState.active` False) train along and are
-overwritten by their parent when it splits. So the shapes never change: one compilation, and checkpoints
-restore into the same structure. The price is compute: before the last split, the unused slots cost as
-much as the leaves (vmap runs them all). The final architecture is the leaf's whose derived architecture
+and the step maps over it (`vmap`, or `lax.map` on CPU: see `leaf_step`); slots not yet in use
+(`GMState.active` False) train along and are overwritten by their parent when it splits. So the shapes never
+change: one compilation, and checkpoints restore into the same structure. The price is compute: before the
+last split, the unused slots cost as much as the leaves. The final architecture is the leaf's whose derived architecture
 has the best validation accuracy on its leaf supernet.
 
 A leaf's masked choices reach every strategy through `masked_strategy`: logits of masked choices are
@@ -243,13 +243,24 @@ def leaf_axes(state: Any) -> Any:
   return type(state)(*[None if name == "step" else 0 for name in state._fields])
 
 
-def leaf_step(step_fn: Callable) -> Callable:
-  """The search step over every leaf slot at once (`vmap`, one compilation). All leaves see the same
-  batches; metrics are averaged over the active leaves, and the step is finite when every active leaf is."""
+def leaf_step(step_fn: Callable, *, sequential: bool | None = None) -> Callable:
+  """The search step over every leaf slot in one compiled function. All leaves see the same batches; metrics
+  are averaged over the active leaves, and the step is finite when every active leaf is.
+
+  `sequential` (default: on CPU) runs the slots one after another (`lax.map`) instead of side by side
+  (`vmap`): under vmap each leaf's convolution kernels become a batch, which XLA lowers to grouped
+  convolutions, slow on CPU (benchmarks/samplers.py); accelerators run the batched form in parallel.
+  """
+  sequential = jax.default_backend() == "cpu" if sequential is None else sequential
 
   def step(state, train, val):
-    axes = leaf_axes(state)
-    new_state, metrics = jax.vmap(step_fn, in_axes=(axes, None, None), out_axes=(axes, 0))(state, train, val)
+    if sequential:
+      new_state, metrics = jax.lax.map(lambda s: step_fn(s._replace(step=state.step), train, val),
+                                       state._replace(step=None))
+      new_state = new_state._replace(step=new_state.step[0])
+    else:
+      axes = leaf_axes(state)
+      new_state, metrics = jax.vmap(step_fn, in_axes=(axes, None, None), out_axes=(axes, 0))(state, train, val)
     active = state.sampler.active
     weight = active.astype(jnp.float32) / jnp.sum(active)
     reduced = {name: jnp.sum(value * weight) for name, value in metrics.items() if name != "finite"}
@@ -341,11 +352,12 @@ def distances(gram: Callable, include: Mapping[str, list], weights: Any, rest: A
   """{decision: [K, K]} mean over `batches` of 1 - cos between the shared-weight gradients with the decision
   forced to each choice (one-hot), the others as in that batch's `base_mixtures` entry."""
   result = {}
+  base_mixtures = jax.device_get(list(base_mixtures))  # host arrays: every call has the same input placement
   for d in decisions:
     total = np.zeros((d.size, d.size))
     for (x, y), base in zip(batches, base_mixtures):
-      mixtures = {name: jnp.broadcast_to(row, (d.size, *row.shape)) for name, row in base.items()}
-      mixtures[d.name] = jnp.eye(d.size, dtype=base[d.name].dtype)
+      mixtures = {name: np.broadcast_to(row, (d.size, *row.shape)) for name, row in base.items()}
+      mixtures[d.name] = np.eye(d.size, dtype=base[d.name].dtype)
       total += cosine_distances(gram(weights, rest, x, y, mixtures, include[d.name]))
     result[d.name] = total / len(batches)
   return result

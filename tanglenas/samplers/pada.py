@@ -23,6 +23,10 @@ Semantics follow the authors' public code (github.com/ShunLu91/PA-DA, nasbench20
 - The reference keeps one distribution over operations shared by all edges and divides an operation's
   summed norm by the number of edges that sampled it. Here every decision has its own distribution, so that
   count is a per-decision constant that cancels in G / sum(G); it is not applied.
+Two deliberate differences from that code: a choice's score is the norm of all its weights' gradient
+together (`samplers.stats.choice_grad_norms`), where the reference sums the norms of its tensors; and an
+example's score includes the factor sqrt(||h||^2 + 1) of the paper's derivation, which the reference drops
+(it keeps ||softmax(z) - onehot(y)|| alone).
 
 Importance weights 1 / (K p) per decision and 1 / (N q) per example keep the weight gradient unbiased; the
 paper (and this default) leaves them off (`Config.pada_importance_weights`).

@@ -93,12 +93,13 @@ class MBConvBlock(nnx.Module):
     if self.mode == "ws":
       y = self._mix_candidates(x_NHWC, kernel, expand)
     else:
+      # The expanded channels beyond the chosen width leave each norm as act(bias), not zero; every layer
+      # after it masks them out of its weights, which is exact and ~25% cheaper than masking activations.
       act = ACTIVATIONS[self.activation]
-      mid_mask = masks_lib.mix(expand, masks_lib.prefix_masks(self.mids))
       h = x_NHWC
       if self.expand is not None:
-        h = act(self.expand_bn(self.expand(h, out=expand), mid_mask))
-      h = act(self.depthwise_bn(self.depthwise(h, kernel=kernel, out=expand), mid_mask))
+        h = act(self.expand_bn(self.expand(h, out=expand)))
+      h = act(self.depthwise_bn(self.depthwise(h, kernel=kernel, out=expand)))
       if self.use_se:
         s = jax.nn.relu(self.se_reduce(jnp.mean(h, axis=(1, 2)), in_=expand, out=expand))
         s = jax.nn.hard_sigmoid(self.se_expand(s, in_=expand, out=expand))
@@ -146,8 +147,8 @@ class MBConvBlock(nnx.Module):
       return [(("depthwise", "kernel"), masks_lib.kernel_masks(self.kernel_sizes)[..., None])]
     mids = masks_lib.prefix_masks(self.mids)
     result = [(("depthwise", "kernel"), mids[:, None, None, :])]
-    result += [((bn, p), mids) for bn in ("expand_bn", "depthwise_bn") for p in ("scale", "bias")
-               if bn == "depthwise_bn" or self.expand is not None]
+    norms = ("depthwise_bn",) if self.expand is None else ("expand_bn", "depthwise_bn")
+    result += [((bn, p), mids) for bn in norms for p in ("scale", "bias")]
     if self.expand is not None:
       result += prefixed(("expand",), self.expand.choice_masks(out=mids))
     if self.use_se:

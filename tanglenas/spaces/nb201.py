@@ -175,7 +175,7 @@ class ResidualBlock(nnx.Module):
   """NAS-Bench-201's ResNetBasicblock with stride 2: two ReLU-Conv-BNs; shortcut 2x2 average pool + 1x1 conv."""
 
   def __init__(self, c_in: int, c_out: int, *, impl: str, rngs: nnx.Rngs):
-    self.conv_a = ReLUConvBN(c_in, c_out, (3,), 2, impl=impl, rngs=rngs)
+    self.conv_a = ReLUConvBN(c_in, c_out, (3,), stride=2, impl=impl, rngs=rngs)
     self.conv_b = ReLUConvBN(c_out, c_out, (3,), impl=impl, rngs=rngs)
     self.shortcut = EntangledConv(c_in, c_out, (1,), impl=impl, rngs=rngs)
 
