@@ -40,14 +40,19 @@ def x_input(shape=(2, 3, 6)):
   return jax.random.normal(jax.random.key(1), shape)
 
 
+# Many rows: the masks go on the kernel; one row: on the activations (fewer elements).
+SHAPES = [(2, 3, 6), (1, 6)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_we_one_hot_is_the_sliced_matmul_and_the_extracted_layer(use_bias):
-  lin, x = layer(use_bias=use_bias), x_input()
+def test_we_one_hot_is_the_sliced_matmul_and_the_extracted_layer(use_bias, shape):
+  lin, x = layer(use_bias=use_bias), x_input(shape)
   for (oi, ow), (ii, iw) in itertools.product(enumerate(OUT_WIDTHS), enumerate(IN_WIDTHS)):
     y = lin(x, out=one_hot(oi, 3), in_=one_hot(ii, 2))
     expected = x[..., :iw] @ lin.kernel[...][:iw, :ow]
     if use_bias:
-      expected = expected + lin.bias[...][None, None, :ow]
+      expected = expected + lin.bias[...][:ow].reshape((1,) * (x.ndim - 1) + (ow,))
     np.testing.assert_allclose(y[..., :ow], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y[..., ow:], 0.0)
     standalone = lin.extract(out=oi, in_=ii)
@@ -60,12 +65,14 @@ def test_none_is_the_largest_choice():
   np.testing.assert_allclose(lin(x), lin(x, out=one_hot(2, 3), in_=one_hot(1, 2)), rtol=1e-6)
 
 
-def test_we_soft_mixture_is_one_matmul_on_the_mixed_weight():
-  lin, x = layer(), x_input()
+@pytest.mark.parametrize("shape", SHAPES)
+def test_we_soft_mixture_is_one_matmul_on_the_mixed_weight(shape):
+  lin, x = layer(), x_input(shape)
   w_out, w_in = jnp.array([0.2, 0.3, 0.5]), jnp.array([0.6, 0.4])
   out_mask = sum(w_out[k] * (jnp.arange(8) < ow) for k, ow in enumerate(OUT_WIDTHS))
   in_mask = sum(w_in[k] * (jnp.arange(6) < iw) for k, iw in enumerate(IN_WIDTHS))
-  expected = x @ (lin.kernel[...] * jnp.outer(in_mask, out_mask)) + (lin.bias[...] * out_mask)[None, None]
+  expected = x @ (lin.kernel[...] * jnp.outer(in_mask, out_mask)) + (lin.bias[...] * out_mask).reshape(
+      (1,) * (x.ndim - 1) + (8,))
   np.testing.assert_allclose(lin(x, out=w_out, in_=w_in), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -3,7 +3,8 @@
 Two formulations of the same depthwise convolution sit behind one function, picked per backend
 (../shared/PERFORMANCE.md): on CPU a sum of shifted slices times the per-tap weight is ~50x faster than XLA's
 grouped convolution; where cuDNN or a TPU serve convolutions, `lax.conv_general_dilated` is used.
-Dense convolutions always use `lax.conv_general_dilated` (the fastest JAX form on CPU too).
+Dense convolutions use `lax.conv_general_dilated` (the fastest JAX form on CPU too), except 1x1 kernels, which
+run as a matmul over channels.
 """
 
 from __future__ import annotations

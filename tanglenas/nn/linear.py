@@ -1,13 +1,15 @@
 """Entangled dense layers and embeddings: width choices as prefix masks on one super-weight.
 
 `we` (weight entanglement, TangleNAS): one kernel of the largest widths; a mixture turns into the effective
-kernel W * (in mask ⊗ out mask) and ONE matmul runs. `ws` (weight sharing, DARTS): one kernel per output
+kernel W * (in mask ⊗ out mask) and ONE matmul runs (the masks go on the activations instead where those are
+the smaller side; the product is the same). `ws` (weight sharing, DARTS): one kernel per output
 width; each runs and the outputs, zero-padded to the largest width, are summed with the mixture's weights.
 Layers take mixtures as arrays [K] (None = the largest choice) and index choices only in `extract`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -94,7 +96,13 @@ class EntangledLinear(nnx.Module):
     in_mask_I = masks_lib.mix(in_, masks_lib.prefix_masks(self.in_widths))
     if self.mode == "we":
       out_mask_O = masks_lib.mix(out, masks_lib.prefix_masks(self.out_widths))
-      y = x @ (self.kernel[...] * in_mask_I[:, None] * out_mask_O[None, :])
+      rows = math.prod(x.shape[:-1])
+      if rows * (self.in_features + self.out_features) < self.in_features * self.out_features:
+        # x @ (W * (m_in ⊗ m_out)) == ((x * m_in) @ W) * m_out: with few rows (a small batch, a language
+        # model's tokens) masking the activations avoids a kernel-sized temporary in forward and backward.
+        y = (x * channels_last(in_mask_I, x.ndim)) @ self.kernel[...] * channels_last(out_mask_O, x.ndim)
+      else:
+        y = x @ (self.kernel[...] * in_mask_I[:, None] * out_mask_O[None, :])
       return y + channels_last(self.bias[...] * out_mask_O, y.ndim) if self.use_bias else y
     if out is None:  # only the largest candidate contributes
       return self._candidate(x, len(self.out_widths) - 1, in_mask_I)
