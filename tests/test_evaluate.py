@@ -31,8 +31,10 @@ def trained(tmp_path_factory):
   return search(TINY, tmp_path_factory.mktemp("spos"), space=SPACE, dataset=DATA)
 
 
-def batches(n: int, start: int = 0, size: int = 32):
-  return [(DATA.test_x[i * size:(i + 1) * size], DATA.test_y[i * size:(i + 1) * size]) for i in range(start, start + n)]
+def batches(n: int, size: int = 32, split: str = "test"):
+  x, y = getattr(DATA, f"{split}_x"), getattr(DATA, f"{split}_y")
+  assert n * size <= len(x)
+  return [(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]) for i in range(n)]
 
 
 def test_derive_is_the_argmax_per_decision():
@@ -52,7 +54,7 @@ def standalone_accuracy(supernet, genotype, eval_batches, recal=None):
 
 @pytest.mark.parametrize("recalibrate", [False, True])
 def test_scorer_equals_the_extracted_network_and_compiles_once(trained, recalibrate):
-  eval_batches, recal = batches(2), batches(3, start=2) if recalibrate else None
+  eval_batches, recal = batches(2), batches(3, split="train") if recalibrate else None
   scorer = evaluate.SupernetScorer(SPACE, trained.supernet, eval_batches, recalibration_batches=recal)
   for genotype in SPACE.enumerate():
     assert scorer(genotype) == pytest.approx(standalone_accuracy(trained.supernet, genotype, eval_batches, recal),
