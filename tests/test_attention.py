@@ -166,8 +166,11 @@ def test_block_one_hot_is_the_extracted_block(mode):
 def test_gradients_wrt_mixture_weights(mode):
   blk, x = block(mode, causal=True), x_input((1, 4, 8))
 
+  graphdef, state = nnx.split(blk)
+
+  @jax.jit  # check_grads evaluates the loss many times
   def loss(w_embed, w_heads, w_ratio):
-    return jnp.sum(jnp.sin(blk(x, embed=w_embed, heads=w_heads, mlp_ratio=w_ratio)))
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, embed=w_embed, heads=w_heads, mlp_ratio=w_ratio)))
 
   check_grads(loss, (jnp.array([0.4, 0.6]), jnp.array([0.2, 0.3, 0.5]), jnp.array([0.5, 0.5])), order=1,
               modes=["rev"], atol=3e-2, rtol=3e-2, eps=1e-3)

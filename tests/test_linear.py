@@ -99,10 +99,12 @@ def test_ws_one_hot_is_the_extracted_candidate():
 
 @pytest.mark.parametrize("mode", ["we", "ws"])
 def test_gradients_wrt_mixture_weights_and_logits(mode):
-  lin, x = layer(mode), x_input((2, 6))
+  graphdef, state = nnx.split(layer(mode))
+  x = x_input((2, 6))
 
+  @jax.jit  # check_grads evaluates the loss many times
   def loss_of_mixture(w_out, w_in):
-    return jnp.sum(jnp.sin(lin(x, out=w_out, in_=w_in)))
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, out=w_out, in_=w_in)))
 
   check_grads(loss_of_mixture, (jnp.array([0.2, 0.3, 0.5]), jnp.array([0.7, 0.3])), order=1,
               modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-3)

@@ -109,11 +109,17 @@ def _shifted_depthwise_bwd(stride, dilation, padding, residuals, g_NHWC):
   dx = _correlate(g_padded, kernel_HWC[::-1, ::-1], 1, dilation, (h, w))
 
   x_padded = _pad_hw(x_NHWC, padding, padding, padding)
-  rows = []
-  for i in range(kh):  # one fusion per kernel row: taps of a row share their input rows
-    taps = [_sum_width(_tap(x_padded, i * dilation, j * dilation, stride, (ho, wo)) * g_NHWC) for j in range(kw)]
-    rows.append(jnp.sum(jnp.stack(taps), axis=(1, 2)))
-  return dx, jnp.stack(rows).astype(kernel_HWC.dtype)
+  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  group = max(1, _TERMS_PER_FUSION // min(wo, 16))  # taps per fusion: XLA splits (and slows) larger ones
+  sums = []
+  for start in range(0, len(taps), group):
+    products = [_sum_width(_tap(x_padded, i * dilation, j * dilation, stride, (ho, wo)) * g_NHWC)
+                for i, j in taps[start:start + group]]
+    sums.append(jnp.sum(jnp.stack(products), axis=(1, 2)))
+  return dx, jnp.concatenate(sums).reshape(kernel_HWC.shape).astype(kernel_HWC.dtype)
+
+
+_TERMS_PER_FUSION = 70  # products per output element in one kernel-gradient fusion (5 taps x 14 columns)
 
 
 def _sum_width(a_NHWC: jax.Array) -> jax.Array:
