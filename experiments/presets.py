@@ -15,8 +15,8 @@ from tanglenas.config import Config
 # TangleNAS's search epochs on its toy spaces, per strategy (darts2 as darts).
 TOY_EPOCHS = {"darts": 50, "darts2": 50, "drnas": 100, "gdas": 250, "spos": 250}
 
-# Per space: the options and data of its smoke run. Spaces whose data is not installed here (CIFAR-10)
-# smoke-test on the synthetic dataset, drawn in the space's input shape.
+# Per space: the options and data of its smoke run. Spaces whose data is not installed here (CIFAR-10, text)
+# smoke-test on synthetic data drawn in the space's input shape (synthetic_text: a learnable token stream).
 SMOKE: dict[str, dict[str, Any]] = {
   "toy_cell": dict(space_options={"channels": 4}, train_limit=2048),
   "toy_macro": dict(dataset="synthetic"),
@@ -24,7 +24,7 @@ SMOKE: dict[str, dict[str, Any]] = {
   "darts": dict(space_options={"layers": 2, "channels": 4}, dataset="synthetic"),
   "autoformer": dict(space_options={"preset": "tiny"}, train_limit=1024),
   "mobilenetv3": dict(space_options={"preset": "tiny"}, dataset="synthetic"),
-  "nanogpt": dict(space_options={"preset": "tiny"}, dataset="synthetic"),
+  "nanogpt": dict(space_options={"preset": "tiny"}, dataset="synthetic_text"),
 }
 SMOKE_RUN = dict(epochs=1, batch_size=32, log_every=4, checkpoint_every=1000, eval_epochs=0, gm_batches=2,
                  spos_candidates=8, spos_eval_batches=2)

@@ -200,6 +200,29 @@ def _check_combinations(config: Config, space: Any) -> None:
     from tanglenas.samplers.gm import check_split_epochs
 
     check_split_epochs(config, space)  # increasing, and no more splits than the space's decisions allow
+  _check_task(config, space)
+
+
+# Samplers a language model can use: PA&DA scores each example by the gradient of its one label.
+LANGUAGE_MODEL_SAMPLERS = ("none", "uniform", "gm")
+
+
+def _check_task(config: Config, space: Any) -> None:
+  """Text datasets feed language-model spaces only, and those only samplers that need no per-example label."""
+  from tanglenas.data import TEXT_DATASETS
+
+  dataset = config.dataset or space.dataset
+  if space.task == "language_model":
+    if dataset not in TEXT_DATASETS:
+      raise ValueError(f"space {space.name} is a language model over token windows; dataset {dataset} is not "
+                       f"text: use --dataset {' or '.join(TEXT_DATASETS)}")
+    if config.sampler not in LANGUAGE_MODEL_SAMPLERS:
+      raise ValueError(f"sampler {config.sampler} scores each example by its one class label, but space "
+                       f"{space.name} predicts every token of a window: use --sampler "
+                       f"{', '.join(LANGUAGE_MODEL_SAMPLERS)}")
+  elif dataset in TEXT_DATASETS:
+    raise ValueError(f"dataset {dataset} holds token windows for language-model spaces (nanogpt), not for space "
+                     f"{space.name}: pick that space's dataset or leave --dataset empty")
 
 
 def _check_dataset(name: str, data_dir: str) -> None:
@@ -207,8 +230,9 @@ def _check_dataset(name: str, data_dir: str) -> None:
   from tanglenas import data
 
   if name == "text":
-    if data_dir and not Path(data_dir).exists():
-      raise FileNotFoundError(f"text data {data_dir} not found: pass --data-dir a text file")
+    if not data_dir or not Path(data_dir).is_file():
+      raise FileNotFoundError(f"text file {data_dir or '(no --data-dir)'} not found: pass --data-dir the path "
+                              "of a UTF-8 text file, e.g. tiny Shakespeare's input.txt")
     return
   _check_name("dataset", name, data.DATASETS.names())
   if name == "fashion_mnist":

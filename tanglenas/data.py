@@ -38,7 +38,8 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 class Dataset(NamedTuple):
-  """An image classification dataset: float32 NHWC images, int32 labels."""
+  """Examples and int32 targets: float32 NHWC images with their class labels, or int32 token windows [N, T]
+  with their next-token targets [N, T] (the text datasets, `TEXT_DATASETS`)."""
 
   train_x: np.ndarray
   train_y: np.ndarray
@@ -53,14 +54,14 @@ DATASETS: Registry[Dataset] = Registry("dataset")
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, limit: int | None = None,
                  **options: Any) -> Dataset:
-  """Load a dataset by name: "fashion_mnist", "cifar10" or "synthetic".
+  """Load a dataset by name: "fashion_mnist", "cifar10", "synthetic", "text" or "synthetic_text".
 
   Args:
     name: registered dataset name; an unknown name raises listing the known ones.
     data_dir: folder holding the files; Fashion-MNIST defaults to Debian's install location, CIFAR-10
-      has no default, "synthetic" reads nothing.
+      has no default, "text" is the path of the text file itself, the synthetic ones read nothing.
     limit: keep only the first `limit` examples of each split (deterministic; for smoke runs).
-    **options: passed to the loader (only `synthetic_dataset` takes any).
+    **options: passed to the loader (`synthetic_dataset`, `load_text_dataset`, `synthetic_text`).
   """
   dataset = DATASETS.get(name)(data_dir, **options)
   if limit is None:
@@ -206,8 +207,13 @@ def _normalize(images_u8: np.ndarray, mean: float | Sequence[float], std: float 
 
 def load_for_space(name: str, data_dir: str | Path | None, space: Any, *, limit: int | None = None) -> Dataset:
   """`load_dataset` for a search space: the synthetic dataset is drawn in the space's input shape and classes,
-  so every space can be smoke-tested without its real data."""
-  options = dict(shape=space.input_shape, num_classes=space.num_classes) if name == "synthetic" else {}
+  so every space can be smoke-tested without its real data; text is cut into windows of the space's block
+  size (and the synthetic text drawn in its vocabulary)."""
+  options = {
+    "synthetic": dict(shape=space.input_shape, num_classes=space.num_classes),
+    "text": dict(block_size=space.input_shape[0]),
+    "synthetic_text": dict(block_size=space.input_shape[0], vocab_size=space.num_classes),
+  }.get(name, {})
   return load_dataset(name, data_dir, limit=limit, **options)
 
 
@@ -405,3 +411,68 @@ def text_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: in
   starts = np.random.default_rng((seed, step)).integers(0, len(tokens) - block_size, size=batch_size)
   window = starts[:, None] + np.arange(block_size)
   return tokens[window].astype(np.int32), tokens[window + 1].astype(np.int32)
+
+
+# --- text as a dataset of windows ------------------------------------------------------------------------
+TEXT_DATASETS = ("text", "synthetic_text")  # next-token windows, for language-model spaces
+
+
+def text_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Non-overlapping windows of a token stream, x[i] = tokens[s_i : s_i+T] and its next-token targets
+  y[i] = tokens[s_i+1 : s_i+T+1] with s_i = i * T: strided views of `tokens`, no copy."""
+  if block_size < 1 or len(tokens) < block_size + 1:
+    raise ValueError(f"a token stream of {len(tokens)} holds no window of block_size={block_size} (and its "
+                     "next token): use a longer text or a smaller block_size")
+  view = np.lib.stride_tricks.sliding_window_view
+  return view(tokens[:-1], block_size)[::block_size], view(tokens[1:], block_size)[::block_size]
+
+
+def _window_dataset(train: np.ndarray, val: np.ndarray, *, block_size: int, vocab_size: int, name: str) -> Dataset:
+  """Windows of the training stream for search, of the validation stream as the test split."""
+  train_x, train_y = text_windows(train.astype(np.int32, copy=False), block_size)
+  test_x, test_y = text_windows(val.astype(np.int32, copy=False), block_size)
+  return Dataset(train_x, train_y, test_x, test_y, vocab_size, name)
+
+
+@DATASETS.register("text")
+def load_text_dataset(data_dir: str | Path | None, *, block_size: int) -> Dataset:
+  """A character-level text file (`load_text`: first 90% train, last 10% validation) as windows of
+  `block_size` tokens and their next-token targets; `num_classes` is the file's vocabulary size."""
+  if data_dir is None:
+    raise FileNotFoundError("dataset text reads a UTF-8 text file: pass data_dir= (--data-dir) its path, e.g. "
+                            "tiny Shakespeare's input.txt")
+  corpus = load_text(data_dir)
+  return _window_dataset(corpus.train, corpus.val, block_size=block_size, vocab_size=len(corpus.vocab),
+                         name=corpus.name)
+
+
+def synthetic_text(*, vocab_size: int = 32, block_size: int = 16, n_train_tokens: int = 16384,
+                   n_val_tokens: int = 2048, peak: float = 0.9, seed: int = 0) -> Dataset:
+  """A learnable token stream for tests and smoke runs, as windows like `load_text_dataset`'s.
+
+  A first-order Markov chain: token a is followed by a fixed successor (a seeded permutation of the
+  vocabulary) with probability `peak`, else by a uniformly random token. Its entropy rate, far below
+  log(vocab_size) for a large `peak`, is the loss a model that learned the chain reaches.
+  """
+  if vocab_size < 2 or not 0.0 <= peak <= 1.0:
+    raise ValueError(f"synthetic text needs vocab_size >= 2 and peak in [0, 1]; got {vocab_size} and {peak}")
+  successor = np.random.default_rng((seed, 0)).permutation(vocab_size)
+
+  def stream(n: int, index: int) -> np.ndarray:
+    rng = np.random.default_rng((seed, index))
+    follows, random_tokens = rng.random(n) < peak, rng.integers(vocab_size, size=n)
+    tokens = np.empty(n, np.int32)
+    token = random_tokens[0]
+    for i in range(n):
+      token = successor[token] if follows[i] else random_tokens[i]
+      tokens[i] = token
+    return tokens
+
+  return _window_dataset(stream(n_train_tokens, 1), stream(n_val_tokens, 2), block_size=block_size,
+                         vocab_size=vocab_size, name="synthetic_text")
+
+
+@DATASETS.register("synthetic_text")
+def _synthetic_text_anywhere(data_dir: str | Path | None, **options: Any) -> Dataset:
+  del data_dir  # generated, nothing to read
+  return synthetic_text(**options)

@@ -98,7 +98,7 @@ class SupernetScorer:
     if self.recalibration_xs is not None:
       rest = self._recalibrate(self._weights, rest, mixture, self.recalibration_xs)
     correct = sum(int(self._accuracy(self._weights, rest, mixture, x, y)) for x, y in self.batches)
-    score = correct / sum(len(y) for _, y in self.batches)
+    score = correct / sum(y.size for _, y in self.batches)  # per token for language models
     self.cache[genotype.text] = score
     return score
 
@@ -304,13 +304,13 @@ def train_network(model: nnx.Module, x: np.ndarray, y: np.ndarray, recipe: Train
 
 
 def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> float:
-  """Accuracy (0..1) of a standalone network in eval mode."""
+  """Accuracy (0..1) of a standalone network in eval mode (of every next-token prediction for language models)."""
   model.eval()
   graphdef, state = nnx.split(model)
   correct_fn = jax.jit(lambda state, x, y: jnp.sum(jnp.argmax(nnx.merge(graphdef, state)(x), -1) == y))
   correct = sum(int(correct_fn(state, x[i:i + batch_size], y[i:i + batch_size]))
                 for i in range(0, len(x), batch_size))
-  return correct / len(x)
+  return correct / np.size(y)
 
 
 def evaluate_genotype(space: Space, genotype: Genotype | str, config: Config, *,

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ import numpy as np
 from tanglenas.nn.arch import Decision
 
 WANDB_MODES = ("offline", "online", "disabled")
-HISTOGRAM_BINS = 20
+# bin edges of a data-sampling histogram, in N * q (1: uniform): 1/32 .. 32 in steps of sqrt(2)
+DATA_WEIGHT_EDGES = 2.0 ** np.arange(-5.0, 5.25, 0.5)
 
 
 class RunLogger:
@@ -71,28 +72,51 @@ class RunLogger:
       self._run.log({k: _to_wandb(v) for k, v in metrics.items() if not isinstance(v, str)}, step=int(step))
       self._run.summary.update({k: v for k, v in metrics.items() if isinstance(v, str)})
 
-  def log_arch(self, step: int, probs: Mapping[str, Any], decisions: Iterable[Decision]) -> None:
+  def log_arch(self, step: int, probs: Mapping[str, Any], decisions: Iterable[Decision], *,
+               leaves: Sequence[int] | None = None) -> None:
     """Architecture probabilities as one scalar per decision and choice: `arch/<decision>/<choice>`.
 
     Plotted over steps these give each decision's probability evolution (wandb shows them as line plots
-    grouped under `arch/<decision>`; `tanglenas plot` draws them as stacked areas).
+    grouped under `arch/<decision>`; `tanglenas plot` draws them as stacked areas). With `leaves` (few-shot
+    NAS), `probs` has a leading leaf-slot axis and each listed slot is logged as `arch/leaf<i>/<decision>/...`.
     """
-    metrics = {}
-    for d in decisions:
-      p = np.asarray(probs[d.name], np.float64)
-      metrics.update({f"arch/{d.name}/{choice}": float(p[k]) for k, choice in enumerate(d.choices)})
+    decisions = tuple(decisions)
+    if leaves is None:
+      metrics = _choice_scalars("arch/", probs, decisions)
+    else:
+      metrics = {}
+      for i in leaves:
+        metrics.update(_choice_scalars(f"arch/leaf{i}/", {name: np.asarray(p)[i] for name, p in probs.items()},
+                                       decisions))
     self.log(step, metrics)
 
-  def log_distributions(self, step: int, distributions: Mapping[str, Any]) -> None:
-    """Sampler distributions (e.g. PA&DA's per-sample probabilities) as `dist/<name>` histograms.
+  def log_distributions(self, step: int, distributions: Mapping[str, Any] | None,
+                        decisions: Iterable[Decision]) -> None:
+    """What a sampler draws from (`Sampler.distributions`; None logs nothing): paths per decision, examples
+    as a histogram.
 
-    Only a histogram is kept (counts over `HISTOGRAM_BINS` equal bins, edges), not the raw vector, so the
-    log stays small even for a distribution over all training examples.
+    "paths" {decision: [K]} become scalars `dist/path/<decision>/<choice>`, drawn like the architecture
+    probabilities. "examples" [N], the probability q_i of drawing training example i, becomes a histogram
+    `dist/data_weight` of N * q_i over the fixed edges `DATA_WEIGHT_EDGES` (values beyond them count in the
+    end bins, so the counts sum to N), plus `dist/data_ess` = 1 / (N * sum q^2), Kish's effective sample
+    size as a fraction of N (1: uniform, 1/N: one example takes all). N * q_i reads directly: an epoch draws N examples, so it is the number of
+    times example i is expected to be visited (1: uniform). Its bins are log-spaced because importance
+    sampling acts by ratios (an example drawn 4x as often as uniform is as far from uniform as one drawn
+    1/4 as often), and fixed so that histograms of different epochs, runs and dataset sizes compare; the
+    raw q is not stored, so the log stays small for any pool size.
     """
-    metrics = {}
-    for name, values in distributions.items():
-      counts, edges = np.histogram(np.asarray(values, np.float64).ravel(), bins=HISTOGRAM_BINS)
-      metrics[f"dist/{name}"] = {"counts": counts.tolist(), "edges": edges.tolist()}
+    if distributions is None:
+      return
+    metrics: dict[str, Any] = {}
+    if distributions.get("paths") is not None:
+      metrics.update(_choice_scalars("dist/path/", distributions["paths"], tuple(decisions)))
+    if distributions.get("examples") is not None:
+      q = np.asarray(distributions["examples"], np.float64).ravel()
+      weights = q.size * q
+      counts, _ = np.histogram(np.clip(weights, DATA_WEIGHT_EDGES[0], DATA_WEIGHT_EDGES[-1]),
+                               bins=DATA_WEIGHT_EDGES)
+      metrics["dist/data_weight"] = {"counts": counts.tolist(), "edges": DATA_WEIGHT_EDGES.tolist()}
+      metrics["dist/data_ess"] = float(1.0 / (q.size * np.sum(q * q)))
     self.log(step, metrics)
 
   def log_genotype(self, step: int, genotype: Any) -> None:
@@ -176,6 +200,15 @@ def _to_json(value: Any) -> Any:
     array = np.asarray(value)
     return array.item() if array.ndim == 0 else array.tolist()
   return value
+
+
+def _choice_scalars(prefix: str, probs: Mapping[str, Any], decisions: Sequence[Decision]) -> dict[str, float]:
+  """`{<prefix><decision>/<choice>: probability}` for every decision and choice."""
+  metrics = {}
+  for d in decisions:
+    p = np.asarray(probs[d.name], np.float64)
+    metrics.update({f"{prefix}{d.name}/{choice}": float(p[k]) for k, choice in enumerate(d.choices)})
+  return metrics
 
 
 def _to_wandb(value: Any) -> Any:

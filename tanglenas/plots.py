@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from tanglenas.logging import read_metrics
 
 ARCH_PREFIX, DIST_PREFIX = "arch/", "dist/"
+PATH_PREFIX, DATA_WEIGHT = DIST_PREFIX + "path/", DIST_PREFIX + "data_weight"
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -42,25 +43,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 
 def arch_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
-  """Per decision, its choices' probabilities over steps as stacked areas (from `arch/<decision>/<choice>`)."""
-  series = _series(records, ARCH_PREFIX)
-  decisions: dict[str, list[str]] = defaultdict(list)
-  for key in series:
-    decision, choice = key[len(ARCH_PREFIX):].rsplit("/", 1)
-    decisions[decision].append(choice)
+  """Per decision, its choices' probabilities over steps as stacked areas (from `arch/<decision>/<choice>`;
+  a few-shot run has one panel per leaf and decision, `leaf<i>/<decision>`)."""
+  decisions = _choice_series(records, ARCH_PREFIX)
   if not decisions:
     return None
-  columns = min(3, len(decisions))
-  rows = -(-len(decisions) // columns)
-  figure = Figure(figsize=(4.5 * columns, 2.8 * rows), layout="constrained")
-  axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True).ravel()
-  for ax, (decision, choices) in zip(axes, decisions.items()):
-    steps = series[f"{ARCH_PREFIX}{decision}/{choices[0]}"][0]
-    ax.stackplot(steps, [series[f"{ARCH_PREFIX}{decision}/{c}"][1] for c in choices], labels=choices, alpha=0.85)
-    ax.set(title=decision, ylim=(0, 1), xlim=(steps[0], steps[-1]) if len(steps) > 1 else None)
-    ax.legend(fontsize="x-small", loc="upper left")
-  for ax in axes[len(decisions):]:
-    ax.set_visible(False)
+  figure, axes = _panels(len(decisions), width=4.5, height=2.8)
+  _stack_panels(axes, decisions)
   figure.supxlabel("step")
   figure.supylabel("probability")
   return figure
@@ -84,22 +73,25 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
 
 
 def distributions_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
-  """Each sampler distribution (`dist/<name>` histograms): its first, middle and last logged histogram."""
-  histograms: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-  for record in records:
-    for key, value in record.items():
-      if key.startswith(DIST_PREFIX) and isinstance(value, Mapping):
-        histograms[key[len(DIST_PREFIX):]].append((record["step"], value))
-  if not histograms:
+  """What the sampler drew from (`RunLogger.log_distributions`): per decision, the path probabilities over
+  steps as stacked areas (`dist/path/...`, PA&DA's p), then the data-weight histogram (`dist/data_weight`,
+  N * q on a log axis; the last one logged filled, the first and middle ones as outlines)."""
+  paths = _choice_series(records, PATH_PREFIX)
+  histograms = [(r["step"], r[DATA_WEIGHT]) for r in records if isinstance(r.get(DATA_WEIGHT), Mapping)]
+  if not paths and not histograms:
     return None
-  figure = Figure(figsize=(5 * len(histograms), 3.5), layout="constrained")
-  for ax, (name, logged) in zip(figure.subplots(1, len(histograms), squeeze=False)[0], histograms.items()):
-    picks = sorted({0, len(logged) // 2, len(logged) - 1})
-    for i in picks:
-      step, hist = logged[i]
-      ax.stairs(hist["counts"], hist["edges"], label=f"step {step}", fill=len(picks) == 1)
-    ax.set(title=name, xlabel="value", ylabel="count")
-    ax.legend(fontsize="small")
+  figure, axes = _panels(len(paths) + bool(histograms), width=4.5, height=3.0)
+  _stack_panels(axes[:len(paths)], paths, ylabel="path probability")
+  if histograms:
+    ax = axes[len(paths)]
+    for i in sorted({0, len(histograms) // 2, len(histograms) - 1}):
+      step, hist = histograms[i]
+      last = i == len(histograms) - 1
+      ax.stairs(hist["counts"], hist["edges"], label=f"step {step}", fill=last, alpha=0.6 if last else 1.0)
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax.set(xscale="log", title="data weights", xlabel="N q (expected visits per epoch)", ylabel="examples")
+    ax.legend(fontsize="x-small")
+  figure.supxlabel("step")
   return figure
 
 
@@ -112,6 +104,42 @@ def ranking_figure(ranking: Mapping[str, Any]) -> Figure:
          title=f"Kendall tau {ranking['kendall_tau']:.3f} ({len(ranking['scores'])} architectures)")
   ax.grid(alpha=0.3)
   return figure
+
+
+def _choice_series(records: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, dict[str, tuple]]:
+  """`{decision: {choice: (steps, values)}}` of the scalars `<prefix><decision>/<choice>`."""
+  decisions: dict[str, dict[str, tuple]] = defaultdict(dict)
+  for key, points in _series(records, prefix).items():
+    decision, choice = key[len(prefix):].rsplit("/", 1)
+    decisions[decision][choice] = points
+  return dict(decisions)
+
+
+def _panels(count: int, *, width: float, height: float) -> tuple[Figure, np.ndarray]:
+  """A figure with `count` panels, three per row; unused grid cells hidden."""
+  columns = min(3, count)
+  rows = -(-count // columns)
+  figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+  axes = figure.subplots(rows, columns, squeeze=False).ravel()
+  for ax in axes[count:]:
+    ax.set_visible(False)
+  return figure, axes[:count]
+
+
+def _stack_panels(axes: Sequence[Any], decisions: Mapping[str, Mapping[str, tuple]], *,
+                  ylabel: str | None = None) -> None:
+  """One stacked-area panel per decision (its choices' probabilities over steps), all on the same steps axis
+  (series may start late, e.g. a leaf that appears at a split)."""
+  if not decisions:
+    return
+  steps = np.concatenate([s for choices in decisions.values() for s, _ in choices.values()])
+  for ax, (decision, choices) in zip(axes, decisions.items()):
+    names = list(choices)
+    ax.stackplot(choices[names[0]][0], [choices[c][1] for c in names], labels=names, alpha=0.85)
+    ax.set(title=decision, ylim=(0, 1), ylabel=ylabel)
+    if steps.max() > steps.min():
+      ax.set_xlim(steps.min(), steps.max())
+    ax.legend(fontsize="x-small", loc="upper left")
 
 
 def _series(records: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -36,6 +36,7 @@ from tanglenas.nn.arch import ArchParam, arch_logits, set_arch_logits
 from tanglenas.samplers import Sampler, get_sampler, gm
 from tanglenas.samplers.stats import choice_grad_norms, sample_scores
 from tanglenas.spaces import ChoiceMask, Space, get_space
+from tanglenas.spaces.nanogpt import bits_per_char
 from tanglenas.strategies import Strategy, get_strategy, unrolled_value_and_grad
 
 BATCH_AXIS = "batch"
@@ -267,6 +268,12 @@ def build_run(config: Config, space: Space | None = None,
   if tuple(dataset.train_x.shape[1:]) != tuple(space.input_shape):
     raise ValueError(f"dataset {dataset.name} has inputs of shape {dataset.train_x.shape[1:]} but space "
                      f"{space.name} expects {space.input_shape}: pick a matching dataset or space input_shape")
+  if space.task == "language_model" and dataset.num_classes > space.num_classes:
+    n = dataset.num_classes  # tokens past the vocabulary would have no logit
+    fix = (f"--vocab-size {n}" if "vocab_size" in config.space_options else f"--space-options vocab_size {n}"
+           if not config.space_options else f"'vocab_size': {n} in the experiment's space_options")
+    raise ValueError(f"text file {config.data_dir or dataset.name} has {n} characters but space {space.name} has "
+                     f"vocab_size {space.num_classes}: pass {fix}")
   devices = jax.local_devices()
   if config.batch_size % len(devices):
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} local devices "
@@ -376,9 +383,11 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
   batch_sharding = NamedSharding(run.mesh, PartitionSpec(BATCH_AXIS))
   step = int(state.step)
   end = run.total_steps if stop_after_step is None else min(stop_after_step, run.total_steps)
-  probs_fn = jax.jit(gm.first_leaf(run.strategy.probs) if config.sampler == "gm" else run.strategy.probs)
+  probs_fn = jax.jit(gm.every_leaf(run.strategy.probs) if config.sampler == "gm" else run.strategy.probs)
   pending, last_metrics, last_sync = [], {}, (step, time.perf_counter())
   progress = tqdm(total=run.total_steps, initial=step, disable=config.quiet, desc="search", unit="step")
+  if step == 0:  # what the first epoch draws from; later ones are logged at each epoch end
+    logger.log_distributions(step, run.sampler.distributions(state.sampler), run.space.decisions)
   while step < end and run.train_iter.epoch < config.epochs:
     epoch = run.train_iter.epoch
     train = jax.device_put(next(run.train_iter), batch_sharding)
@@ -390,6 +399,7 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
     if run.train_iter.epoch != epoch:  # the epoch just ended
       state = state._replace(sampler=_keep_types(run.sampler.on_epoch_end(state.sampler, epoch, config.epochs),
                                                  state.sampler))
+      logger.log_distributions(step, run.sampler.distributions(state.sampler), run.space.decisions)
       if config.sampler == "gm":
         state, splits = gm.split_leaves(run, state, epoch + 1)
         gm.log_splits(logger, step, splits)
@@ -436,10 +446,14 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
         f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory}; "
         "lower learning_rate or arch_learning_rate, or check the data.")
   means = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "finite"}
+  if run.space.task == "language_model":  # the losses (nats) also in bits per character
+    means.update({f"{split}_bits_per_char": bits_per_char(means[f"{split}_loss"]) for split in ("train", "val")
+                  if f"{split}_loss" in means})
   means["epoch"] = run.train_iter.epoch
   means["steps_per_second"] = (step - last_sync[0]) / max(time.perf_counter() - last_sync[1], 1e-9)
   logger.log(step, means)
-  logger.log_arch(step, jax.device_get(probs_fn(state.logits, state.strategy)), run.space.decisions)
+  leaves = gm.active_leaves(state) if run.config.sampler == "gm" else None
+  logger.log_arch(step, jax.device_get(probs_fn(state.logits, state.strategy)), run.space.decisions, leaves=leaves)
   return means
 
 

@@ -291,6 +291,19 @@ def test_search_splits_into_two_leaves_trained_by_one_compiled_step(tmp_path, st
   assert masks[split[0]][best][chosen] == 1, "the architecture must come from its leaf's choices"
   for name, probs in result.probs.items():
     assert np.all(np.asarray(probs)[masks[name][best] == 0] == 0)
+  # architecture probabilities are logged for every active leaf: leaf 0 alone until the split, which comes
+  # at the end of the first epoch (step 8), before that step's log
+  arch_records = [r for r in read_metrics(tmp_path) if any(k.startswith("arch/") for k in r)]
+  leaves_at = {r["step"]: {k.split("/")[1] for k in r if k.startswith("arch/")} for r in arch_records}
+  assert leaves_at == {4: {"leaf0"}, 8: {"leaf0", "leaf1"}, 12: {"leaf0", "leaf1"}, 16: {"leaf0", "leaf1"}}
+  run, _ = search_lib.build_run(config, TINY_SPACE)
+  last = arch_records[-1]
+  for slot in (0, 1):
+    leaf = gm.leaf(state, slot)
+    probs = jax.device_get(run.strategy.probs(leaf.logits, leaf.strategy))
+    for d in TINY_SPACE.decisions:
+      np.testing.assert_allclose([last[f"arch/leaf{slot}/{d.name}/{c}"] for c in d.choices], probs[d.name],
+                                 rtol=1e-5, atol=1e-7)
 
 
 def test_search_with_splits_resumes_exactly(tmp_path):

@@ -15,7 +15,11 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+from tanglenas import cli, plots
+from tanglenas import search as search_lib
+from tanglenas.checkpoint import Checkpointer
 from tanglenas.config import Config
+from tanglenas.logging import read_metrics
 from tanglenas.nn import masks as masks_lib
 from tanglenas.nn.arch import Decision
 from tanglenas.nn.conv import EntangledConv
@@ -206,6 +210,42 @@ def test_search_with_pada_resumes_exactly(tmp_path, strategy, weights):
   assert resumed.genotype == reference.genotype and resumed.probs == reference.probs
   for a, b in zip(state_leaves(resumed.supernet), state_leaves(reference.supernet)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_search_logs_p_and_the_data_weight_histogram_of_each_epoch_end(tmp_path):
+  config = TINY  # 8 steps per epoch: a checkpoint at every epoch end
+  search(config, tmp_path, space=SPACE)
+  logged = [r for r in read_metrics(tmp_path) if "dist/data_weight" in r]
+  run, model = search_lib.build_run(config, SPACE)
+  n_train = len(run.train_iter.indices)
+  assert [r["step"] for r in logged] == [e * n_train // config.batch_size for e in (0, 1, 2, 3)]
+  target = search_lib.init_state(run, model)
+  with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+    for record in logged:  # the start's, then each epoch end's (checkpointed right after it)
+      state = target if record["step"] == 0 else checkpointer.restore(target, step=record["step"])[0]
+      for d in SPACE.decisions:
+        np.testing.assert_allclose([record[f"dist/path/{d.name}/{c}"] for c in d.choices],
+                                   np.asarray(state.sampler.path_probs[d.name]), rtol=1e-6)
+      hist = record["dist/data_weight"]
+      assert sum(hist["counts"]) == n_train
+      weights = np.clip(n_train * np.asarray(state.sampler.sample_probs, np.float64), hist["edges"][0],
+                        hist["edges"][-1])
+      np.testing.assert_array_equal(hist["counts"], np.histogram(weights, hist["edges"])[0])
+  kernel = SPACE.decisions[0]
+  p = np.array([[r[f"dist/path/{kernel.name}/{c}"] for c in kernel.choices] for r in logged])
+  np.testing.assert_allclose(p[:2], 1 / kernel.size, rtol=1e-6)  # at the start and (tau = 0) after epoch 1: uniform
+  assert np.ptp(p[2]) > 1e-3  # then the gradient-norm scores shape it
+  # `tanglenas plot` draws them: p per decision, then the data weights
+  assert cli.main(["plot", str(tmp_path)]) == 0
+  assert (tmp_path / "plots" / "distributions.png").stat().st_size > 5_000
+  figure = plots.distributions_figure(read_metrics(tmp_path))
+  assert [ax.get_title() for ax in figure.axes if ax.get_visible()] == ["kernel", "width", "data weights"]
+
+
+def test_samplers_without_distributions_log_none():
+  for name in ("none", "uniform"):
+    sampler = get_sampler(name, CONFIG, SPACE)
+    assert sampler.distributions(sampler.init(10, jax.random.key(0))) is None
 
 
 @pytest.mark.slow

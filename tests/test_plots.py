@@ -24,7 +24,8 @@ def _synthetic_run(workdir, *, ranking: bool = True):
       probs = {k: np.exp(v) / np.exp(v).sum() for k, v in logits.items()}
       logger.log_arch(step, probs, DECISIONS)
       logger.log(step, {"train/loss": 2.0 / (1 + step), "val/loss": 2.2 / (1 + step), "val/accuracy": step / 200})
-      logger.log_distributions(step, {"pada/sample_probs": rng.dirichlet(np.ones(100))})
+      paths = {d.name: rng.dirichlet(np.ones(d.size)) for d in DECISIONS}
+      logger.log_distributions(step, {"paths": paths, "examples": rng.dirichlet(np.ones(100))}, DECISIONS)
   if ranking:
     acc = rng.uniform(0.8, 0.9, size=30)
     (workdir / "ranking.json").write_text(json.dumps(
@@ -57,6 +58,33 @@ def test_figures_show_the_logged_decisions_curves_and_tau(tmp_path):
   np.testing.assert_allclose(curves.axes[0].lines[0].get_ydata(), [2.0 / (1 + s) for s in range(0, 200, 20)])
   ranking = plots.ranking_figure(json.loads((tmp_path / "ranking.json").read_text()))
   assert ranking.axes[0].get_title() == "Kendall tau 0.432 (30 architectures)"
+
+
+def test_sampler_distributions_show_p_per_decision_and_the_last_data_weight_histogram(tmp_path):
+  _synthetic_run(tmp_path)
+  records = read_metrics(tmp_path)
+  figure = plots.distributions_figure(records)
+  axes = [ax for ax in figure.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in axes] == [d.name for d in DECISIONS] + ["data weights"]
+  top = axes[0].collections[-1].get_paths()[0].vertices[:, 1].max()  # stacked p sums to 1
+  assert len(axes[0].collections) == 3 and top == pytest.approx(1.0)
+  hist = axes[-1]
+  assert hist.get_xscale() == "log"
+  assert [t.get_text() for t in hist.get_legend().get_texts()] == ["step 0", "step 100", "step 180"]
+  last = hist.patches[-1]  # the last histogram, the filled one
+  assert last.get_fill() and np.allclose(last.get_data().values, records[-1]["dist/data_weight"]["counts"])
+
+
+def test_leaves_of_a_few_shot_run_get_their_own_panels(tmp_path):
+  decisions = DECISIONS[:1]
+  with RunLogger(tmp_path, Config(wandb_mode="disabled")) as logger:
+    logger.log_arch(0, {"normal_e0": np.full((2, 3), 1 / 3)}, decisions, leaves=[0])
+    logger.log_arch(10, {"normal_e0": np.array([[0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])}, decisions, leaves=[0, 1])
+    logger.log_arch(20, {"normal_e0": np.array([[0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])}, decisions, leaves=[0, 1])
+  figure = plots.arch_figure(read_metrics(tmp_path))
+  axes = [ax for ax in figure.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in axes] == ["leaf0/normal_e0", "leaf1/normal_e0"]
+  assert axes[1].get_xlim() == (0.0, 20.0)  # a leaf born at a split shares the run's step axis
 
 
 def test_a_run_without_arch_or_ranking_draws_only_what_it_has(tmp_path):

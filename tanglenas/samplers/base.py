@@ -33,6 +33,10 @@ class Sampler(NamedTuple):
     needs_stats: whether the step must compute `stats` (gradient norms per choice, scores per example).
     sample_weights: optional `(state, sample_ids, path) -> [B]` weights of the examples' training losses
       (importance sampling); None: unweighted mean.
+    distributions: `distributions(state) -> dict | None` (host, at the start and after each `on_epoch_end`):
+      what the next epoch draws from, for the logs (`RunLogger.log_distributions`): "paths" {decision: [K]}
+      and/or "examples" [N] probabilities over the training pool; None (the default) when the sampler
+      draws from nothing worth logging.
   """
 
   init: Callable[[int, jax.Array], Any]
@@ -42,6 +46,7 @@ class Sampler(NamedTuple):
   on_epoch_end: Callable[[Any, int, int], Any]
   needs_stats: bool = False
   sample_weights: Callable[[Any, jax.Array, Mixture], jax.Array] | None = None
+  distributions: Callable[[Any], Mapping[str, Any] | None] = lambda state: None
 
 
 def stateless(paths: Callable[[Any, jax.Array], Mixture | None]) -> Sampler:

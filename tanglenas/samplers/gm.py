@@ -466,9 +466,10 @@ def best_leaf(run: Any, state: Any) -> LeafChoice:
   return LeafChoice(slot, found[slot][0], {s: (g.text, acc) for s, (g, acc) in found.items()})
 
 
-def first_leaf(fn: Callable) -> Callable:
-  """`fn(logits, strategy_state)` applied to leaf slot 0 of stacked arguments (what the loop logs)."""
-  return lambda logits, state: fn(*jax.tree.map(lambda x: x[0], (logits, state)))
+def every_leaf(fn: Callable) -> Callable:
+  """`fn(logits, strategy_state)` applied to every leaf slot of stacked arguments (outputs get a leading leaf
+  axis; the loop logs the active slots')."""
+  return jax.vmap(fn)
 
 
 def log_splits(logger: Any, step: int, records: Sequence[SplitRecord]) -> None:

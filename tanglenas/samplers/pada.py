@@ -35,7 +35,7 @@ paper (and this default) leaves them off (`Config.pada_importance_weights`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,5 +156,10 @@ def pada_sampler(config: Config, space: Space) -> Sampler:
   def sample_weights(state: PadaState, sample_ids: jax.Array, path: Mapping[str, jax.Array]) -> jax.Array:
     return importance_weights(state, sample_ids, path, sizes)
 
+  def distributions(state: PadaState) -> dict[str, Any]:
+    """p per decision and q over the training pool: what the next epoch's paths and examples come from."""
+    return {"paths": state.path_probs, "examples": state.sample_probs}
+
   return Sampler(init=init, paths=paths, data_indices=data_indices, update=update, on_epoch_end=on_epoch_end,
-                 needs_stats=True, sample_weights=sample_weights if config.pada_importance_weights else None)
+                 needs_stats=True, sample_weights=sample_weights if config.pada_importance_weights else None,
+                 distributions=distributions)

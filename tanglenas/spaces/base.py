@@ -50,6 +50,7 @@ class Space(abc.ABC):
   input_shape: tuple[int, ...]  # one example, channels last (H, W, C) or (T,) for text
   num_classes: int
   dataset: str  # default dataset of the space: "fashion_mnist", "cifar10" or "text"
+  task: str = "classification"  # or "language_model": [B, T] tokens to [B, T, V] next-token logits
 
   # --- architectures -------------------------------------------------------------------------------
   @abc.abstractmethod

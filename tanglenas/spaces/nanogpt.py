@@ -10,8 +10,9 @@ heads have query/key/value width 64h, whatever the embedding width. TangleNAS's 
 the embedding width into h heads (head dimension embed / h); with a fixed head dimension one head count
 keeps the same weights under every embedding width, which is what entangling them by prefix needs.
 
-Input: int tokens [B, T] with T <= block_size; output logits [B, T, vocab]. Data: `tanglenas.data.load_text`
-(dataset "text", e.g. Tiny Shakespeare). `language_model_metrics` gives the loss and bits per character.
+Input: int tokens [B, T] with T <= block_size; output logits [B, T, vocab]. Data: dataset "text" (a UTF-8
+file cut into windows, `tanglenas.data.load_text_dataset`, e.g. Tiny Shakespeare) or "synthetic_text".
+`language_model_metrics` gives the loss and bits per character.
 Presets: "paper" (vocab 65 as Tiny Shakespeare, block 256, dropout 0.2) and "tiny" (tests, CPU).
 """
 
@@ -95,6 +96,7 @@ class NanoGPTSpace(TransformerSpace):
 
   name = "nanogpt"
   dataset = "text"
+  task = "language_model"
 
   def __init__(self, preset: str = "paper", *, vocab_size: int | None = None, block_size: int | None = None,
                dropout: float | None = None, tie_weights: bool = True, use_bias: bool = True):
@@ -130,4 +132,9 @@ class NanoGPTSpace(TransformerSpace):
 def language_model_metrics(logits_BTV: jax.Array, targets_BT: jax.Array) -> dict[str, jax.Array]:
   """Mean next-token cross-entropy (nats) and bits per character (loss / ln 2) of a character model."""
   loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT))
-  return {"loss": loss, "bits_per_char": loss / math.log(2.0)}
+  return {"loss": loss, "bits_per_char": bits_per_char(loss)}
+
+
+def bits_per_char(loss_nats):
+  """A character model's mean cross-entropy in bits per character: nats / ln 2."""
+  return loss_nats / math.log(2.0)
