@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from tanglenas.nn.conv import EntangledConv, resolve_impl
-from toy_cell_step import time_round_robin
+from timing import time_round_robin
 
 KERNEL_SIZES = (1, 3, 5, 7)
 

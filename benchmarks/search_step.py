@@ -1,29 +1,33 @@
-"""Cost of one search step per strategy, as a ratio to one training step of the standalone network.
+"""Cost of one search step, per space, mode and strategy, against one training step of a standalone network.
 
-Run: `python benchmarks/search_step.py [--quick] [--json] [--channels 32] [--batch 64] [--repeats 10]`.
-The toy cell supernet (C=32, batch 64, 1x28x28, `we` and `ws`) runs the search loop's own functions
-(`tanglenas.search.make_step_fn`, `make_arch_step`, `make_weight_step`), each jitted once; the baseline is
-one training step (forward, backward, the same SGD) of the standalone all-sep_conv_5x5 network. Times are
-medians over `repeats` rounds after two warm-up calls; in each round every function of a row and the
-standalone step run in turn, so machine noise hits them alike. Compare the ratios, not absolute times
-across runs (../shared/PERFORMANCE.md).
+Run: `python benchmarks/search_step.py [--json] [--all] [--spaces toy_cell,toy_macro] [--strategies ...]
+[--channels 32] [--batch 64] [--repeats 10] [--impl auto]`.
 
-- search step: architecture step (validation batch) + weight step (training batch) in one jitted call, as
-  the loop runs it; strategies without an architecture step (spos, fixed) run the weight step only.
-- arch / weight step: each half jitted on its own.
-- forward: the supernet's training-mode loss with the strategy's mixture.
-- compiles: how often the search step was traced over all timed calls (1: no recompilation), and the
-  seconds its first call took beyond a median call (compilation).
-`--json` prints one JSON line per (space, mode, strategy) instead of the table.
+Rows use the search loop's own functions (`tanglenas.search.make_step_fn`, `make_arch_step`,
+`make_weight_step`), each jitted once; shapes are those of TangleNAS's reference figures
+(../shared/PERFORMANCE.md): batch 64, toy cell C=32 on 1x28x28, macro space on 3x32x32. The baseline of a
+space is one training step (forward, backward, the same SGD) of its standalone network: all-sep_conv_5x5
+for the toy cell, the largest choice for the macro space. Times are medians over `repeats` rounds after two
+warm-up calls; in each round every function of a row and the baseline run in turn, so machine noise hits
+them alike. Compare the ratios, not absolute times across runs.
+
+Columns: search step = architecture step (validation batch) + weight step (training batch) in one jitted
+call, as the loop runs it (spos: the weight step only); arch / weight step, each jitted on its own; forward,
+the training-mode loss; memory, XLA's temporary buffers of the compiled step (`memory_analysis()`: the peak
+above the model, its optimizer state and the batch); compile, traces of the search step over every timed
+call (1: no recompilation) and the seconds that tracing and compiling it took.
+
+Default: toy cell `we` darts and drnas, `ws` darts, and the macro space `we` darts, each with its baseline
+(a few minutes on 2 cores). `--all`: every strategy in `we` and `ws` on the toy cell ([4/6]'s table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,34 +39,32 @@ from tanglenas.nn.arch import ArchParam
 from tanglenas.nn.conv import resolve_impl
 from tanglenas.search import build_run, init_state, make_arch_step, make_forward, make_step_fn, make_weight_step, \
   weight_optimizer
-from tanglenas.spaces import count_params, get_space
+from tanglenas.spaces import Space, count_params, get_space
+from timing import time_round_robin
 
-STRATEGIES = ("darts", "darts2", "drnas", "gdas", "spos", "fixed")
-ALL_SEP_5X5 = [1] * 6  # sep_conv_5x5 on every edge
-
-
-def warm_up(fn: Callable) -> float:
-  """Call `fn` twice (compilation, then a warm call); returns the first call's seconds."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - start
-  jax.block_until_ready(fn())
-  return first
+STRATEGIES = ("darts", "darts2", "drnas", "gdas", "spos")
+DEFAULT_ROWS = {"toy_cell": [("we", "darts"), ("we", "drnas"), ("ws", "darts")], "toy_macro": [("we", "darts")]}
 
 
-def round_robin(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
-  """Median seconds per call of each warm function, timed in turns so machine noise hits them alike."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+class SpaceSetup(NamedTuple):
+  """How a space is benchmarked: its options, and the genotype of its baseline network."""
+
+  options: Callable[[argparse.Namespace], dict[str, Any]]
+  baseline: Callable[[Space], list[int]]
+  baseline_name: str
 
 
-class Chain:
-  """Calls a jitted `(state, *args) -> (state, out)` repeatedly, threading the (donated) state."""
+SETUPS = {
+  "toy_cell": SpaceSetup(lambda args: {"channels": args.channels, "impl": args.impl}, lambda space: [1] * 6,
+                         "all-sep_conv_5x5"),
+  "toy_macro": SpaceSetup(lambda args: {}, lambda space: [len(d.choices) - 1 for d in space.decisions],
+                          "largest choice"),
+}
+
+
+class CompiledChain:
+  """A `(state, *args) -> (state, out)` function compiled once ahead of time (so that its memory can be read),
+  called repeatedly with the (donated) state threaded through."""
 
   def __init__(self, fn: Callable, state, *args):
     self.traces = 0
@@ -71,17 +73,21 @@ class Chain:
       self.traces += 1
       return fn(state, *args)
 
-    self.jitted, self.state, self.args = jax.jit(counted, donate_argnums=0), state, args
+    start = time.perf_counter()
+    self.compiled = jax.jit(counted, donate_argnums=0).lower(state, *args).compile()
+    self.compile_s = time.perf_counter() - start
+    self.memory_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+    self.state, self.args = state, args
 
   def __call__(self):
-    self.state, out = self.jitted(self.state, *self.args)
+    self.state, out = self.compiled(self.state, *self.args)
     return out
 
 
-def standalone_step(config: Config, dataset) -> tuple[Chain, int]:
-  """One training step of the all-sep_conv_5x5 network (warm), and its parameter count."""
+def baseline_step(config: Config, dataset, genotype_of: Callable[[Space], list[int]]) -> tuple[CompiledChain, int]:
+  """One training step of the space's standalone network, and its parameter count."""
   run, supernet = build_run(config.replace(strategy="darts"), dataset=dataset)
-  network = run.space.standalone(supernet, run.space.genotype(ALL_SEP_5X5))
+  network = run.space.standalone(supernet, run.space.genotype(genotype_of(run.space)))
   network.train()
   graphdef, arch, weights, rest = nnx.split(network, ArchParam, nnx.Param, ...)
   forward = make_forward(graphdef, arch)
@@ -94,80 +100,88 @@ def standalone_step(config: Config, dataset) -> tuple[Chain, int]:
     updates, opt = tx.update(grads, opt, weights)
     return (jax.tree.map(lambda w, u: w + u, weights, updates), rest, opt), loss
 
-  state = jax.tree.map(jnp.copy, (weights, rest))
-  chain = Chain(step, (*state, tx.init(state[0])), x, y)
-  warm_up(chain)
-  return chain, count_params(network)
+  weights, rest = jax.tree.map(jnp.copy, (weights, rest))
+  return CompiledChain(step, (weights, rest, tx.init(weights)), x, y), count_params(network)
 
 
-def measure(config: Config, dataset, standalone: Chain, repeats: int) -> dict:
-  """Times of one (mode, strategy) configuration, in turns with the standalone step."""
+def measure(config: Config, dataset, baseline: CompiledChain, repeats: int) -> dict[str, Any]:
+  """One (space, mode, strategy) row, timed in turns with the baseline step."""
   run, model = build_run(config, dataset=dataset)
   train, val = next(run.train_iter), next(run.val_iter)[:2]
   key = jax.random.key(0)
-  row = {"space": config.space, "mode": config.mode, "strategy": config.strategy, "params": count_params(model)}
-  search = Chain(make_step_fn(run), init_state(run, model), train, val)
-  fns = {"search": search, "standalone": standalone,
-         "weight": Chain(make_weight_step(run), init_state(run, model), train, key)}
+  search = CompiledChain(make_step_fn(run), init_state(run, model), train, val)
+  chains = {"search": search, "baseline": baseline,
+            "weight": CompiledChain(make_weight_step(run), init_state(run, model), train, key)}
   if run.strategy.learns_arch:
-    fns["arch"] = Chain(make_arch_step(run), init_state(run, model), train, val, key)
+    chains["arch"] = CompiledChain(make_arch_step(run), init_state(run, model), train, val, key)
   state = init_state(run, model)
   forward = make_forward(run.graphdef, run.arch_template)
   loss = jax.jit(lambda state, x, y: forward(state.weights, state.rest,
                                              run.strategy.mixture(state.logits, state.strategy, key), x, y)[0])
-  fns["forward"] = lambda: loss(state, *train[:2])
-  first = {name: warm_up(fn) for name, fn in fns.items() if name != "standalone"}
-  medians = round_robin(fns, repeats)
-  row.update({f"{name}_ms": 1e3 * medians.get(name, 0.0) for name in ("search", "arch", "weight", "forward",
-                                                                       "standalone")})
-  row["ratio"] = medians["search"] / medians["standalone"]
-  row["compiles"] = search.traces
-  row["compile_s"] = max(first["search"] - medians["search"], 0.0)
+  calls = {**chains, "forward": lambda: loss(state, *train[:2])}
+  wall = {name: times[0] for name, times in time_round_robin(calls, repeats).items()}
+  row = {"space": config.space, "mode": config.mode, "strategy": config.strategy, "params": count_params(model)}
+  row.update({f"{name}_ms": 1e3 * wall[name] for name in calls})
+  row.update(search_x_baseline=wall["search"] / wall["baseline"], weight_x_baseline=wall["weight"] / wall["baseline"],
+             memory_mb=search.memory_bytes / 2**20, weight_memory_mb=chains["weight"].memory_bytes / 2**20,
+             compiles=search.traces, compile_s=search.compile_s)
   return row
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="channels 8, batch 32, 5 repeats, darts/darts2/spos")
   parser.add_argument("--json", action="store_true", help="one JSON line per (space, mode, strategy)")
-  parser.add_argument("--channels", type=int, default=None)
-  parser.add_argument("--batch", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--impl", default="auto", choices=("auto", "shifted", "lax"))
+  parser.add_argument("--all", action="store_true", help="every strategy in we and ws on the toy cell")
+  parser.add_argument("--spaces", default=None, help="comma-separated subset of " + ",".join(SETUPS))
   parser.add_argument("--strategies", default=None, help="comma-separated subset of " + ",".join(STRATEGIES))
-  parser.add_argument("--modes", default="we,ws")
+  parser.add_argument("--modes", default=None, help="comma-separated subset of we,ws")
+  parser.add_argument("--channels", type=int, default=32, help="toy cell width")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--impl", default="auto", choices=("auto", "shifted", "lax"), help="depthwise formulation")
   args = parser.parse_args()
-  channels = args.channels or (8 if args.quick else 32)
-  batch = args.batch or (32 if args.quick else 64)
-  repeats = args.repeats or (5 if args.quick else 10)
-  strategies = args.strategies.split(",") if args.strategies else (
-      ["darts", "darts2", "spos"] if args.quick else list(STRATEGIES))
+  plan = {"toy_cell": [(m, s) for m in ("we", "ws") for s in STRATEGIES]} if args.all else dict(DEFAULT_ROWS)
+  if args.spaces:
+    plan = {space: plan.get(space, DEFAULT_ROWS[space]) for space in args.spaces.split(",")}
+  if args.strategies or args.modes:
+    modes, strategies = (args.modes or "we,ws").split(","), (args.strategies or ",".join(STRATEGIES)).split(",")
+    plan = {space: [(m, s) for m in modes for s in strategies] for space in plan}
 
-  dataset = synthetic_dataset(shape=(28, 28, 1), num_classes=10, n_train=8 * batch, n_test=batch)
-  base = Config(space="toy_cell", space_options={"channels": channels, "impl": args.impl}, batch_size=batch,
-                epochs=10, quiet=True, wandb_mode="disabled")
-  standalone, standalone_params = standalone_step(base, dataset)
-  header = dict(jax=jax.__version__, backend=jax.default_backend(), conv=resolve_impl(args.impl),
-                channels=channels, batch=batch, repeats=repeats)
+  header = dict(jax=jax.__version__, backend=jax.default_backend(), conv=resolve_impl(args.impl), batch=args.batch,
+                repeats=args.repeats)
   if not args.json:
-    print("toy cell search step vs the standalone all-sep_conv_5x5 training step (timed in turns); " +
-          ", ".join(f"{k} {v}" for k, v in header.items()))
-    print(f"standalone: {standalone_params:,} params")
-    print(f"{'mode':<4} {'strategy':<8} {'search ms':>10} {'x standalone':>13} {'standalone ms':>14} {'arch ms':>8} "
-          f"{'weight ms':>10} {'forward ms':>11} {'compiles':>9} {'compile s':>10} {'params':>9}")
-  for mode in args.modes.split(","):
-    for strategy in strategies:
-      config = base.replace(mode=mode, strategy=strategy)
-      if strategy == "fixed":
-        config = config.replace(genotype=get_space("toy_cell").genotype(ALL_SEP_5X5).text)
-      row = measure(config, dataset, standalone, repeats)
-      row.update(header)
+    print("search step vs one training step of the standalone network (timed in turns); "
+          + ", ".join(f"{k} {v}" for k, v in header.items()))
+  for space_name, rows in plan.items():
+    setup = SETUPS[space_name]
+    base = Config(space=space_name, space_options=setup.options(args), batch_size=args.batch, epochs=10, quiet=True,
+                  wandb_mode="disabled")
+    dataset = synthetic_dataset(shape=get_space(space_name, **base.space_options).input_shape, num_classes=10, n_train=4 * args.batch, n_test=args.batch)
+    baseline, baseline_params = baseline_step(base, dataset, setup.baseline)
+    if not args.json:
+      print(f"\n{space_name}: baseline {setup.baseline_name}, {baseline_params:,} params, temp memory "
+            f"{baseline.memory_bytes / 2**20:.0f} MiB, compiled in {baseline.compile_s:.0f} s")
+      print(f"{'mode':<4} {'strategy':<8} {'search ms':>9} {'x base':>7} {'arch ms':>8} {'weight ms':>9} "
+            f"{'x base':>7} {'fwd ms':>7} {'base ms':>8} {'mem MiB':>8} {'x base':>7} {'compiles':>8} "
+            f"{'compile s':>9} {'params':>10}")
+    measured = {}
+    for mode, strategy in rows:
+      row = measured[mode, strategy] = measure(base.replace(mode=mode, strategy=strategy), dataset, baseline, args.repeats)
+      row.update(header, baseline=setup.baseline_name, baseline_params=baseline_params,
+                 baseline_memory_mb=baseline.memory_bytes / 2**20)
       if args.json:
         print(json.dumps(row), flush=True)
-      else:
-        print(f"{mode:<4} {strategy:<8} {row['search_ms']:10.1f} {row['ratio']:13.2f} {row['standalone_ms']:14.1f} "
-              f"{row['arch_ms']:8.1f} {row['weight_ms']:10.1f} {row['forward_ms']:11.1f} {row['compiles']:9d} "
-              f"{row['compile_s']:10.1f} {row['params']:9,d}", flush=True)
+        continue
+      print(f"{mode:<4} {strategy:<8} {row['search_ms']:9.1f} {row['search_x_baseline']:7.2f} "
+            f"{row.get('arch_ms', 0.0):8.1f} {row['weight_ms']:9.1f} {row['weight_x_baseline']:7.2f} "
+            f"{row['forward_ms']:7.1f} {row['baseline_ms']:8.1f} {row['memory_mb']:8.0f} "
+            f"{row['memory_mb'] / max(row['baseline_memory_mb'], 1e-9):7.2f} {row['compiles']:8d} "
+            f"{row['compile_s']:9.1f} {row['params']:10,d}", flush=True)
+    for strategy in STRATEGIES:
+      if not args.json and ("we", strategy) in measured and ("ws", strategy) in measured:
+        we, ws = measured["we", strategy], measured["ws", strategy]
+        print(f"{strategy} we / ws: search step {we['search_ms'] / ws['search_ms']:.2f}x, memory "
+              f"{we['memory_mb'] / ws['memory_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """Step time and memory of the AutoFormer, MobileNetV3 and nanoGPT supernets (`we`) against their largest
 standalone subnet, measured in one run.
 
-Run: `python benchmarks/transformer_spaces.py [--spaces autoformer mobilenetv3 nanogpt] [--sizes tiny larger]
-[--repeats 5]`.
+Run: `python benchmarks/transformer_spaces.py [--spaces autoformer mobilenetv3 nanogpt] [--sizes tiny larger full]
+[--repeats 5] [--impl lax]`.
 - step: forward + backward + SGD (momentum 0.9) on one batch, jitted; the supernet gets the soft mixture
   (softmax of its architecture logits), the standalone network (all largest choices, extracted from the
   supernet) none. Milliseconds are medians over `repeats` rounds after warm-up, supernet and standalone
   timed round-robin so that machine noise hits both alike; compare the ratios (../shared/PERFORMANCE.md).
 - memory: XLA's temporary buffers of the compiled step (`memory_analysis().temp_size_in_bytes`).
-Sizes: "tiny" is each space's tiny preset; "larger" is its paper preset, shrunk where the paper's input
-would take minutes per step on two CPU cores (MobileNetV3 at 64x64 instead of 224x224, nanoGPT with 64-token
-blocks instead of 256). The default run needs about 5 CPU-minutes, nearly all of it XLA compiling the steps
-(MobileNetV3's about 1 CPU-minute per step with shifted-slice depthwise convs, `--impl lax` ~2.5x less but a
-slower step on CPU); `--spaces autoformer nanogpt` takes about 1.5.
+Sizes: "tiny" is each space's tiny preset; "larger" (default) its paper preset on small inputs, so that the
+default run takes about a minute or two on two CPU cores (AutoFormer-T on 16x16 images, 17 tokens; MobileNetV3
+at 32x32; nanoGPT with 32-token blocks; batch 2); "full" the paper preset as far as two CPU cores allow
+(AutoFormer-T at 32x32, batch 4; MobileNetV3 at 64x64, not 224x224; nanoGPT with 64-token blocks, not 256),
+about 5 CPU-minutes with `--impl auto`. Nearly all the time is XLA compiling the steps, and MobileNetV3's
+20 blocks the most of it whatever the size: its depthwise convs default here to `lax` (XLA's convolution,
+as `auto` picks on accelerators), which compiles ~2.5x faster on CPU than `auto`'s shifted slices but
+steps slower there; `--impl auto` measures the CPU search path.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from tanglenas.nn.conv import resolve_impl
 from tanglenas.spaces import get_space
 
 SIZES = {  # (space options, batch size)
-    "autoformer": {"tiny": (dict(preset="tiny"), 16), "larger": (dict(preset="paper"), 4)},
-    "mobilenetv3": {"tiny": (dict(preset="tiny"), 16), "larger": (dict(preset="paper", image_size=64), 2)},
-    "nanogpt": {"tiny": (dict(preset="tiny"), 8), "larger": (dict(preset="paper", block_size=64), 2)},
+    "autoformer": {"tiny": (dict(preset="tiny"), 16), "larger": (dict(preset="paper", image_size=16), 2),
+                   "full": (dict(preset="paper"), 4)},
+    "mobilenetv3": {"tiny": (dict(preset="tiny"), 16), "larger": (dict(preset="paper", image_size=32), 2),
+                    "full": (dict(preset="paper", image_size=64), 2)},
+    "nanogpt": {"tiny": (dict(preset="tiny"), 8), "larger": (dict(preset="paper", block_size=32), 2),
+                "full": (dict(preset="paper", block_size=64), 2)},
 }
 
 
@@ -111,10 +117,10 @@ def measure(name: str, size: str, repeats: int, *, impl: str) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--spaces", nargs="+", default=list(SIZES), choices=list(SIZES))
-  parser.add_argument("--sizes", nargs="+", default=["tiny", "larger"], choices=["tiny", "larger"])
+  parser.add_argument("--sizes", nargs="+", default=["tiny", "larger"], choices=["tiny", "larger", "full"])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--impl", default="auto", choices=("auto", "shifted", "lax"),
-                      help="MobileNetV3's depthwise-conv formulation (tanglenas.nn.conv)")
+  parser.add_argument("--impl", default="lax", choices=("auto", "shifted", "lax"),
+                      help="MobileNetV3's depthwise-conv formulation (tanglenas.nn.conv); lax compiles fastest")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"median of {args.repeats} steps; MobileNetV3 depthwise convs: {resolve_impl(args.impl)}")

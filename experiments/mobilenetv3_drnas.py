@@ -1,7 +1,13 @@
-"""Once-for-All's MobileNetV3 space (width multiplier 1.2), weight entanglement, DrNAS, on CIFAR-10 at 32x32:
-TangleNAS searches it on ImageNet, which tanglenas.data does not ship; 100 epochs.
+"""Once-for-All's MobileNetV3 space (width multiplier 1.2), weight entanglement, DrNAS, 100 epochs,
+on CIFAR-10 at 32x32 or on downsampled ImageNet (Chrabaszcz et al., 2017; image-net.org's "Downsampled
+ImageNet"), the CPU-sized stand-in for the 224x224 ImageNet TangleNAS searches it on: all 1000 classes at
+32x32, or NAS-Bench-201's ImageNet16-120 (16x16, the first 120 classes).
 
   tanglenas search --config experiments/mobilenetv3_drnas.py --data-dir PATH/TO/cifar-10-batches-py [--smoke]
+  tanglenas search --config experiments/mobilenetv3_drnas.py --dataset imagenet --num-classes 1000 \
+    --data-dir PATH/TO/Imagenet32  # train_data_batch_1..10, val_data
+  tanglenas search --config experiments/mobilenetv3_drnas.py --dataset imagenet16_120 --image-size 16 \
+    --num-classes 120 --data-dir PATH/TO/ImageNet16
 """
 
 from presets import experiment

@@ -32,6 +32,11 @@ CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_SUBDIR = "cifar-10-batches-py"
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)  # per channel, as DARTS and TangleNAS normalize
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
+IMAGENET_TRAIN_FILES = tuple(f"train_data_batch_{i}" for i in range(1, 11))  # downsampled ImageNet's pickles
+IMAGENET_VAL_FILE = "val_data"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet's per-channel statistics, as torchvision's models use them
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_CLASSES = {"imagenet": 1000, "imagenet16_120": 120}  # dataset name -> classes kept (labels 1..n)
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -54,14 +59,16 @@ DATASETS: Registry[Dataset] = Registry("dataset")
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, limit: int | None = None,
                  **options: Any) -> Dataset:
-  """Load a dataset by name: "fashion_mnist", "cifar10", "synthetic", "text" or "synthetic_text".
+  """Load a dataset by name: "fashion_mnist", "cifar10", "imagenet", "imagenet16_120", "synthetic", "text"
+  or "synthetic_text".
 
   Args:
     name: registered dataset name; an unknown name raises listing the known ones.
-    data_dir: folder holding the files; Fashion-MNIST defaults to Debian's install location, CIFAR-10
-      has no default, "text" is the path of the text file itself, the synthetic ones read nothing.
+    data_dir: folder holding the files; Fashion-MNIST defaults to Debian's install location, CIFAR-10 and
+      ImageNet have no default, "text" is the path of the text file itself, the synthetic ones read nothing.
     limit: keep only the first `limit` examples of each split (deterministic; for smoke runs).
-    **options: passed to the loader (`synthetic_dataset`, `load_text_dataset`, `synthetic_text`).
+    **options: passed to the loader (`synthetic_dataset`, `load_downsampled_imagenet`, `load_text_dataset`,
+      `synthetic_text`).
   """
   dataset = DATASETS.get(name)(data_dir, **options)
   if limit is None:
@@ -190,14 +197,135 @@ def _cifar10_from_dir(data_dir: str | Path | None) -> Dataset:
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = _read_pickled_images(path, "CIFAR-10 python batch", image_size=32)
+  return images, labels.astype(np.int32)
+
+
+def _read_pickled_images(path: Path, kind: str, *, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 NHWC images and their labels from a python-pickle batch as CIFAR and downsampled ImageNet store
+  them: a dict whose "data" rows are one image each as channel planes (all red, then green, then blue; each
+  plane row-major) and whose "labels" are the classes. Keys may be bytes (python-2 pickles) or str.
+  `image_size` None: inferred from the row length."""
   with open(path, "rb") as f:
-    batch = pickle.load(f, encoding="bytes")
-  if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-    raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels')")
-  data, labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"], np.int32)
-  if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
-    raise ValueError(f"{path}: expected data [N, 3072] and labels [N], got {data.shape} and {labels.shape}")
-  return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # rows are channel-major planes
+    try:
+      batch = pickle.load(f, encoding="bytes")
+    except Exception as error:  # unpickling arbitrary bytes can raise almost any exception
+      raise ValueError(f"{path} is not a {kind}: it does not unpickle ({type(error).__name__}: {error})") from None
+  if isinstance(batch, dict):
+    batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
+  if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+    raise ValueError(f"{path} is not a {kind} (a pickled dict with 'data' and 'labels')")
+  data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+  size = image_size or (math.isqrt(data.shape[1] // 3) if data.ndim == 2 else 0)
+  if (data.dtype != np.uint8 or data.ndim != 2 or size == 0 or data.shape[1] != 3 * size * size
+      or labels.shape != data.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
+    row = f"3*{image_size}*{image_size}" if image_size else "3*S*S"
+    raise ValueError(f"{path}: expected uint8 data [N, {row}] and integer labels [N], got {data.dtype} data "
+                     f"{data.shape} and {labels.dtype} labels {labels.shape}")
+  return data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1), labels  # channel planes -> NHWC
+
+
+# --- downsampled ImageNet -----------------------------------------------------------------------------------
+def load_downsampled_imagenet(data_dir: str | Path, *, num_classes: int = 1000, image_size: int | None = None,
+                              max_examples: int | None = None) -> Dataset:
+  """Downsampled ImageNet (Chrabaszcz, Loshchilov and Hutter, 2017, "A Downsampled Variant of ImageNet as an
+  Alternative to the CIFAR datasets"): ImageNet-1k's 1.28M training and 50k validation images, box-resized
+  to 16x16, 32x32 or 64x64, from image-net.org's "Downsampled ImageNet" downloads.
+
+  `data_dir` holds `train_data_batch_1..10` and `val_data` (python pickles: "data" uint8 [N, 3*S*S] as
+  channel planes, "labels" 1..1000), or the unpacked folders of the downloads (e.g. `Imagenet32_train/`,
+  `Imagenet32_val/`) directly below it. The image size S is read from the data; `image_size`, when given,
+  must match it. `val_data` is the test split. Labels come back 0-based; images as (N, S, S, 3) float32,
+  normalized with ImageNet's per-channel mean and std. The pickles can run code: load only files you trust.
+
+  Args:
+    num_classes: keep only the examples of classes 1..num_classes (NAS-Bench-201's ImageNet16-120, Dong and
+      Yang, ICLR 2020, keeps the first 120 classes of the 16x16 images).
+    image_size: the size the caller expects (the space's input); a different size in the files raises.
+    max_examples: stop reading once each split has this many examples, and keep those (bounded memory for
+      smoke runs: all of ImageNet32 is 15 GB as float32, ImageNet16-120 0.5 GB).
+  """
+  if not 1 <= num_classes <= 1000:
+    raise ValueError(f"num_classes keeps ImageNet's classes 1..num_classes and must lie in [1, 1000], got "
+                     f"{num_classes}")
+  root = Path(data_dir)
+  train_paths = [_find_imagenet_file(root, file) for file in IMAGENET_TRAIN_FILES]
+  val_path = _find_imagenet_file(root, IMAGENET_VAL_FILE)
+  missing = [file for file, path in zip((*IMAGENET_TRAIN_FILES, IMAGENET_VAL_FILE), (*train_paths, val_path))
+             if path is None]
+  if missing:
+    raise FileNotFoundError(
+      f"downsampled ImageNet files {', '.join(missing)} not found in {root} or its subfolders: download "
+      "Imagenet16, 32 or 64 (train and val) from image-net.org (\"Downsampled ImageNet\") and pass data_dir= "
+      "the folder holding train_data_batch_1..10 and val_data (or the unpacked download folders)")
+  train_x, train_y = _read_imagenet_split(train_paths, num_classes, image_size, max_examples)
+  test_x, test_y = _read_imagenet_split([val_path], num_classes, train_x.shape[1], max_examples)
+  return Dataset(
+    train_x=_normalize(train_x, IMAGENET_MEAN, IMAGENET_STD),
+    train_y=train_y,
+    test_x=_normalize(test_x, IMAGENET_MEAN, IMAGENET_STD),
+    test_y=test_y,
+    num_classes=num_classes,
+    name="imagenet" if num_classes == 1000 else f"imagenet{train_x.shape[1]}_{num_classes}",
+  )
+
+
+def _read_imagenet_split(paths: Sequence[Path], num_classes: int, image_size: int | None,
+                         max_examples: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 NHWC images and 0-based int32 labels of classes 1..num_classes, read file by file until
+  `max_examples` are kept; the first file fixes the image size when `image_size` is None."""
+  images, labels, kept = [], [], 0
+  for path in paths:
+    x, y = _read_pickled_images(path, "downsampled ImageNet batch", image_size=None)
+    size = image_size or x.shape[1]
+    if x.shape[1] != size:
+      raise ValueError(f"downsampled ImageNet file {path} holds {x.shape[1]}x{x.shape[1]} images, not the "
+                       f"{size}x{size} asked for: use the Imagenet{size} files or set the space's image_size option "
+                       f"to {x.shape[1]}")
+    image_size = size
+    if y.size and not 1 <= y.min() <= y.max() <= 1000:
+      raise ValueError(f"{path}: downsampled ImageNet labels are 1..1000, got the range [{y.min()}, {y.max()}]")
+    keep = y <= num_classes
+    images.append(x[keep])
+    labels.append(y[keep].astype(np.int32) - 1)
+    kept += len(labels[-1])
+    if max_examples is not None and kept >= max_examples:
+      break
+  return np.concatenate(images)[:max_examples], np.concatenate(labels)[:max_examples]
+
+
+def _find_imagenet_file(root: Path, file: str) -> Path | None:
+  """`root/file`, or `root/<download folder>/file`; None when neither exists."""
+  found = [path for path in (root / file, *sorted(root.glob(f"*/{file}"))) if path.is_file()]
+  if len(found) > 1:
+    raise ValueError(f"{file} is in {len(found)} places under {root} ({', '.join(map(str, found))}): pass "
+                     "data_dir= the folder of one image size")
+  return found[0] if found else None
+
+
+@DATASETS.register("imagenet")
+def _imagenet_from_dir(data_dir: str | Path | None, *, image_size: int | None = None,
+                       max_examples: int | None = None) -> Dataset:
+  return load_downsampled_imagenet(_imagenet_dir(data_dir, "imagenet"), image_size=image_size,
+                                   max_examples=max_examples)
+
+
+@DATASETS.register("imagenet16_120")
+def _imagenet16_120_from_dir(data_dir: str | Path | None, *, image_size: int | None = None,
+                             max_examples: int | None = None) -> Dataset:
+  """NAS-Bench-201's ImageNet16-120: the 16x16 downsampled ImageNet, classes 1..120 only."""
+  if image_size not in (None, 16):
+    raise ValueError(f"imagenet16_120 holds 16x16 images but the space takes {image_size}x{image_size}: set the "
+                     "space's image_size option to 16, or use dataset imagenet for the 32x32 or 64x64 files")
+  return load_downsampled_imagenet(_imagenet_dir(data_dir, "imagenet16_120"), num_classes=120, image_size=16,
+                                   max_examples=max_examples)
+
+
+def _imagenet_dir(data_dir: str | Path | None, name: str) -> str | Path:
+  if data_dir is None:
+    raise ValueError(f"{name} has no default location: pass data_dir= the folder holding downsampled ImageNet's "
+                     "train_data_batch_1..10 and val_data (\"Downsampled ImageNet\", image-net.org)")
+  return data_dir
 
 
 def _normalize(images_u8: np.ndarray, mean: float | Sequence[float], std: float | Sequence[float]) -> np.ndarray:
@@ -208,12 +336,19 @@ def _normalize(images_u8: np.ndarray, mean: float | Sequence[float], std: float 
 def load_for_space(name: str, data_dir: str | Path | None, space: Any, *, limit: int | None = None) -> Dataset:
   """`load_dataset` for a search space: the synthetic dataset is drawn in the space's input shape and classes,
   so every space can be smoke-tested without its real data; text is cut into windows of the space's block
-  size (and the synthetic text drawn in its vocabulary)."""
+  size (and the synthetic text drawn in its vocabulary); downsampled ImageNet must match the space's image
+  size and classes, and only the files the first `limit` examples need are read."""
   options = {
     "synthetic": dict(shape=space.input_shape, num_classes=space.num_classes),
     "text": dict(block_size=space.input_shape[0]),
     "synthetic_text": dict(block_size=space.input_shape[0], vocab_size=space.num_classes),
+    # ImageNet: checked against the space before gigabytes are read, and read only as far as `limit` needs.
+    "imagenet": dict(image_size=space.input_shape[0], max_examples=limit),
+    "imagenet16_120": dict(image_size=space.input_shape[0], max_examples=limit),
   }.get(name, {})
+  if name in IMAGENET_CLASSES and space.num_classes != IMAGENET_CLASSES[name]:
+    raise ValueError(f"dataset {name} has {IMAGENET_CLASSES[name]} classes but space {space.name} has num_classes "
+                     f"{space.num_classes}: set the space's num_classes option to {IMAGENET_CLASSES[name]}")
   return load_dataset(name, data_dir, limit=limit, **options)
 
 

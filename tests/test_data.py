@@ -136,8 +136,8 @@ def test_cifar10_rejects_a_pickle_of_another_format(tmp_path):
 
 # --- dispatch and synthetic data ------------------------------------------------------------------------
 def test_unknown_dataset_lists_known_ones():
-  with pytest.raises(ValueError, match="cifar10, fashion_mnist, synthetic"):
-    data.load_dataset("imagenet")
+  with pytest.raises(ValueError, match="cifar10, fashion_mnist, imagenet"):
+    data.load_dataset("imagenet21k")
 
 
 def test_limit_keeps_the_first_examples_of_each_split():

@@ -267,9 +267,7 @@ def final_state(config, workdir):
   return state
 
 
-@pytest.mark.parametrize("strategy,reinit", [("darts", False), ("spos", False),
-                                             pytest.param("drnas", True, marks=pytest.mark.slow),
-                                             pytest.param("gdas", False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy,reinit", [("darts", False), ("spos", False), ("drnas", True), ("gdas", False)])
 def test_search_splits_into_two_leaves_trained_by_one_compiled_step(tmp_path, strategy, reinit):
   config = TINY.replace(strategy=strategy, gm_reinit=reinit)
   gm._GRAMS.clear()
@@ -328,7 +326,6 @@ def test_config_rules():
     gm.gm_sampler(TINY.replace(epochs=9, gm_split_epochs=(2, 1)), TINY_SPACE)
 
 
-@pytest.mark.slow
 def test_toy_cell_search_with_gm(tmp_path):
   """Fashion-MNIST slice, channels 4: one split after the first epoch, DARTS leaves."""
   config = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epochs=2, batch_size=16,

@@ -248,7 +248,6 @@ def test_samplers_without_distributions_log_none():
     assert sampler.distributions(sampler.init(10, jax.random.key(0))) is None
 
 
-@pytest.mark.slow
 def test_toy_cell_search_with_pada(tmp_path):
   """Fashion-MNIST slice, channels 4; two epochs so the second one is drawn from q and paths from p."""
   from tanglenas.spaces import get_space

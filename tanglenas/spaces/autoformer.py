@@ -7,7 +7,8 @@ embedding (a linear map of flattened patches, the same as AutoFormer's stride-p 
 and position embedding sliced to the chosen width, pre-norm blocks, a final layer norm and a linear head on
 the class token. Presets:
 - "paper": AutoFormer-T's choices on CIFAR-10 at 32x32 (patch 4: 64 patches + the class token). AutoFormer
-  itself trains at 224x224 on ImageNet; 32x32 inputs keep the token count of TangleNAS's CIFAR runs small.
+  itself trains at 224x224 on ImageNet; 32x32 inputs keep the token count of TangleNAS's CIFAR runs small
+  (tanglenas.data's downsampled ImageNet32 has the same shape; ImageNet16 with `image_size=16`).
 - "tiny": Fashion-MNIST 28x28x1, patch 7, embedding {24, 32}, depth {2, 3}, heads {1, 2} of dimension 8, MLP
   ratio {2, 4}: for tests, notebooks and CPU runs.
 
@@ -202,17 +203,21 @@ PRESETS = {
 
 class AutoFormerSpace(TransformerSpace):
   """AutoFormer's ViT space. Options: `preset` ("paper" | "tiny"), `num_classes`, `dropout` (on the
-  embeddings and each residual branch). `ws` gives every head count and MLP ratio of a layer its own
+  embeddings and each residual branch); `image_size`, `channels`, `patch` (None: the preset's; e.g. 16, 3
+  and 4 for downsampled ImageNet16). `ws` gives every head count and MLP ratio of a layer its own
   weights; the embedding width stays a shared prefix (see tanglenas/nn/attention.py)."""
 
   name = "autoformer"
 
-  def __init__(self, preset: str = "paper", *, num_classes: int = 10, dropout: float = 0.0):
+  def __init__(self, preset: str = "paper", *, num_classes: int = 10, dropout: float = 0.0,
+               image_size: int | None = None, channels: int | None = None, patch: int | None = None):
     if preset not in PRESETS:
       raise ValueError(f"unknown autoformer preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     self.preset, self.num_classes, self.dropout = preset, num_classes, dropout
-    self.input_shape, self.patch, self.dataset = p["image_shape"], p["patch"], p["dataset"]
+    height, _, preset_channels = p["image_shape"]
+    self.input_shape = (image_size or height, image_size or height, channels or preset_channels)
+    self.patch, self.dataset = patch or p["patch"], p["dataset"]
     self._init_decisions(p["choices"])
 
   def supernet(self, *, mode: str = "we", rngs: nnx.Rngs) -> VisionTransformer:

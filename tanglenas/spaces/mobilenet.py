@@ -15,8 +15,9 @@ kernels with learned matrices; here, as in TangleNAS, a smaller kernel is the pl
 Genotype string: OFA's, `{"ks": [20 kernels], "e": [20 ratios], "d": [5 depths]}` (block j of stage s at
 position 4s + j); blocks beyond their stage's depth are written with the smallest choice, and parsing
 accepts any value there.
-Presets: "paper" (OFA's released supernet: width multiplier 1.2, ImageNet 224x224, 1000 classes; ImageNet
-is not shipped by tanglenas.data) and "tiny" (CIFAR-10 32x32, small widths; tests and CPU runs).
+Presets: "paper" (OFA's released supernet: width multiplier 1.2, ImageNet 224x224, 1000 classes; on a CPU,
+tanglenas.data's downsampled ImageNet with `image_size` 16, 32 or 64) and "tiny" (CIFAR-10 32x32, small widths;
+tests and CPU runs).
 """
 
 from __future__ import annotations
