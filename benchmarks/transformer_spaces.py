@@ -8,14 +8,15 @@ Run: `python benchmarks/transformer_spaces.py [--spaces autoformer mobilenetv3 n
   supernet) none. Milliseconds are medians over `repeats` rounds after warm-up, supernet and standalone
   timed round-robin so that machine noise hits both alike; compare the ratios (../shared/PERFORMANCE.md).
 - memory: XLA's temporary buffers of the compiled step (`memory_analysis().temp_size_in_bytes`).
-Sizes: "tiny" is each space's tiny preset; "larger" (default) its paper preset on small inputs, so that the
-default run takes about a minute or two on two CPU cores (AutoFormer-T on 16x16 images, 17 tokens; MobileNetV3
-at 32x32; nanoGPT with 32-token blocks; batch 2); "full" the paper preset as far as two CPU cores allow
-(AutoFormer-T at 32x32, batch 4; MobileNetV3 at 64x64, not 224x224; nanoGPT with 64-token blocks, not 256),
-about 5 CPU-minutes with `--impl auto`. Nearly all the time is XLA compiling the steps, and MobileNetV3's
-20 blocks the most of it whatever the size: its depthwise convs default here to `lax` (XLA's convolution,
-as `auto` picks on accelerators), which compiles ~2.5x faster on CPU than `auto`'s shifted slices but
-steps slower there; `--impl auto` measures the CPU search path.
+Sizes: "tiny" is each space's tiny preset; "larger" (default) its paper preset on small inputs (AutoFormer-T
+on 16x16 images, 17 tokens; MobileNetV3 at 32x32; nanoGPT with 32-token blocks; batch 2); "full" the paper
+preset as far as two CPU cores allow (AutoFormer-T at 32x32, batch 4; MobileNetV3 at 64x64, not 224x224;
+nanoGPT with 64-token blocks, not 256). The default run takes about 2 minutes on two shared CPU cores: two
+thirds XLA compiling the steps (the supernet's and the subnet's compiled in parallel), a quarter building the
+supernets eagerly; the model depth, not the input size, sets both, and MobileNetV3's 20 blocks cost the
+most. Its depthwise convs default here to `lax` (XLA's convolution, as `auto` picks on accelerators), which
+compiles ~2.5x faster on CPU than `auto`'s shifted slices but steps slower there and needs more temporary
+memory; `--impl auto` measures the CPU search path (about 2 more minutes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +70,11 @@ class Step:
     self.step = jax.jit(step, donate_argnums=(0, 1, 3))
     self.compiled = None
 
+  def compile(self, x, y) -> None:
+    """Compile ahead of time, once: the executable also reports its memory."""
+    self.compiled = self.step.lower(self.weights, self.opt, self.arch, self.rest, x, y).compile()
+
   def __call__(self, x, y) -> jax.Array:
-    if self.compiled is None:  # compiled ahead of time once: the executable also reports its memory
-      self.compiled = self.step.lower(self.weights, self.opt, self.arch, self.rest, x, y).compile()
     self.weights, self.opt, self.rest, value = self.compiled(self.weights, self.opt, self.arch, self.rest, x, y)
     return value
 
@@ -95,8 +99,9 @@ def measure(name: str, size: str, repeats: int, *, impl: str) -> None:
   steps = {"supernet": Step(supernet, True), "largest subnet": Step(largest, False)}
   x, y = batch(space, batch_size, np.random.default_rng(0))
   start = time.perf_counter()
-  for step in steps.values():  # compile, then warm up
-    step(x, y).block_until_ready()
+  with ThreadPoolExecutor(len(steps)) as pool:  # XLA compiles on one core each: both at once
+    list(pool.map(lambda step: step.compile(x, y), steps.values()))
+  for step in steps.values():  # warm up
     step(x, y).block_until_ready()
   compile_s = time.perf_counter() - start
   times = {k: [] for k in steps}

@@ -534,20 +534,6 @@ def load_text(path: str | Path, *, val_fraction: float = 0.1) -> TextData:
   return TextData(tokens[:n_train], tokens[n_train:], vocab, path.stem)
 
 
-def text_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int,
-               step: int) -> tuple[np.ndarray, np.ndarray]:
-  """Random windows of a token stream: x[B, T] and its next-token targets y[B, T] (int32).
-
-  The window starts come from `np.random.default_rng((seed, step))`, so the batch of a step is fixed and a
-  resumed run needs only its step count.
-  """
-  if len(tokens) <= block_size:
-    raise ValueError(f"a token stream of {len(tokens)} is too short for windows of block_size={block_size}")
-  starts = np.random.default_rng((seed, step)).integers(0, len(tokens) - block_size, size=batch_size)
-  window = starts[:, None] + np.arange(block_size)
-  return tokens[window].astype(np.int32), tokens[window + 1].astype(np.int32)
-
-
 # --- text as a dataset of windows ------------------------------------------------------------------------
 TEXT_DATASETS = ("text", "synthetic_text")  # next-token windows, for language-model spaces
 

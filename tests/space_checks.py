@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from tanglenas.nn.arch import ArchParam, one_hot_mixture
-from tanglenas.spaces.base import Genotype, Space
+from tanglenas.spaces.base import Genotype, Space, count_params
 
 
 def fast_rngs(seed: int = 0) -> nnx.Rngs:
@@ -109,3 +111,44 @@ def assert_choice_masks_cover_gradients(space: Space, supernet: nnx.Module, geno
   projection = jax.random.normal(jax.random.key(1), (x.shape[0], space.num_classes))
   grads = one_hot_grads(supernet, lambda model: jnp.sum(model(x, mixture) * projection))()
   assert assert_masks_cover_gradients(masks, grads, space.index_map(genotype)) > 0, "no gradient on the path"
+
+
+def jitted(model: nnx.Module, traces: list | None = None):
+  """The model's forward (logits, features), jitted once for every mixture; appends to `traces` per trace."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, x, mixture):
+    if traces is not None:
+      traces.append(None)  # runs only while tracing
+    return nnx.merge(graphdef, state)(x, mixture, return_features=True)
+
+  return lambda x, mixture=None: forward(state, x, mixture)
+
+
+def random_genotypes(space: Space, n: int, seed: int = 0) -> list[Genotype]:
+  rng = np.random.default_rng(seed)
+  return [space.random(rng) for _ in range(n)]
+
+
+def assert_prefix_one_hot_matches_extracted(space: Space, supernet: nnx.Module, x: jax.Array,
+                                            param_count: Callable[[dict], int], *, n: int = 4) -> None:
+  """Transformer spaces (one embedding width for the whole net): for `n` random genotypes the supernet's one-hot
+  forward (eval mode) gives the extracted network's logits, features equal to its features on the chosen
+  embedding prefix and 0 beyond, and the extracted network has `param_count(genotype as a dict)` weights. ONE
+  compiled forward serves every path."""
+  supernet.eval()
+  traces, outputs = [], set()
+  forward = jitted(supernet, traces)
+  for g in random_genotypes(space, n, seed=1):
+    logits, h = forward(x, one_hot_mixture(space.decisions, space.index_map(g)))
+    standalone = space.standalone(supernet, g)
+    standalone.eval()
+    expected_logits, expected_h = jitted(standalone)(x)
+    arch = json.loads(str(g))
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5, err_msg=str(g))
+    np.testing.assert_allclose(h[..., :arch["embed"]], expected_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(h[..., arch["embed"]:], 0.0)
+    assert count_params(standalone) == param_count(arch)
+    outputs.add(float(jnp.sum(logits)))
+  assert len(traces) == 1 and len(outputs) == n, "one compiled forward serves every path"

@@ -4,7 +4,6 @@ enumeration, the genotype string and its parsing, one trace for all paths, choic
 
 from __future__ import annotations
 
-import json
 import re
 
 import jax
@@ -13,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from space_checks import assert_choice_masks_cover_gradients, fast_rngs
-from tanglenas.nn.arch import one_hot_mixture, uniform_mixture
+from space_checks import (assert_choice_masks_cover_gradients, assert_prefix_one_hot_matches_extracted, fast_rngs,
+                          random_genotypes)
+from tanglenas.nn.arch import uniform_mixture
 from tanglenas.spaces import count_params, get_space
 from tanglenas.spaces.autoformer import AutoFormerSpace
 
@@ -34,24 +34,6 @@ def supernets(space):
 @pytest.fixture(scope="module")
 def images(space):
   return jax.random.normal(jax.random.key(0), (3,) + space.input_shape)
-
-
-def jitted(model, traces=None):
-  """The model's forward (logits, features), jitted once for every mixture; appends to `traces` per trace."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, x, mixture):
-    if traces is not None:
-      traces.append(None)  # runs only while tracing
-    return nnx.merge(graphdef, state)(x, mixture, return_features=True)
-
-  return lambda x, mixture=None: forward(state, x, mixture)
-
-
-def genotypes(space, n, seed=0):
-  rng = np.random.default_rng(seed)
-  return [space.random(rng) for _ in range(n)]
 
 
 def vit_params(space, arch: dict) -> int:
@@ -86,7 +68,7 @@ def test_genotype_string_and_parsing(space):
   assert str(g) == '{"embed": 32, "depth": 2, "mlp_ratio": [2, 4], "heads": [2, 1]}'
   assert g.indices[space.decisions.index(next(d for d in space.decisions if d.name == "heads_2"))] == 0, \
       "a layer beyond the depth keeps no choice"
-  for g in genotypes(space, 10):
+  for g in random_genotypes(space, 10):
     assert space.parse(str(g)) == g
   assert space.parse("{'embed': 24, 'depth': 3, 'mlp_ratio': [2, 2, 4], 'heads': [1, 1, 2]}") == space.genotype(
       {d.name: 0 for d in space.decisions} | {"depth": 1, "mlp_ratio_2": 1, "heads_2": 1})
@@ -98,22 +80,7 @@ def test_genotype_string_and_parsing(space):
 
 @pytest.mark.parametrize("mode", ["we", "ws"])
 def test_one_hot_supernet_is_the_extracted_network(space, supernets, images, mode):
-  supernet = supernets[mode]
-  supernet.eval()
-  traces, outputs = [], set()
-  forward = jitted(supernet, traces)
-  for g in genotypes(space, 4, seed=1):
-    logits, h = forward(images, one_hot_mixture(space.decisions, space.index_map(g)))
-    standalone = space.standalone(supernet, g)
-    standalone.eval()
-    expected_logits, expected_h = jitted(standalone)(images)
-    e = json.loads(str(g))["embed"]
-    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5, err_msg=str(g))
-    np.testing.assert_allclose(h[:, :e], expected_h, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(h[:, e:], 0.0)
-    assert count_params(standalone) == vit_params(space, json.loads(str(g)))
-    outputs.add(float(jnp.sum(logits)))
-  assert len(traces) == 1 and len(outputs) == 4, "one compiled forward serves every path"
+  assert_prefix_one_hot_matches_extracted(space, supernets[mode], images, lambda arch: vit_params(space, arch))
 
 
 def test_supernet_parameter_counts(space, supernets):
@@ -140,7 +107,7 @@ def test_soft_mixture_reaches_every_decision(space, supernets, images):
 
 @pytest.mark.parametrize("mode", ["we", "ws"])
 def test_choice_masks_cover_gradients(space, supernets, images, mode):
-  for g in genotypes(space, 2, seed=3):
+  for g in random_genotypes(space, 2, seed=3):
     assert_choice_masks_cover_gradients(space, supernets[mode], g, images)
 
 

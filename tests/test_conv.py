@@ -16,7 +16,7 @@ from jax import lax
 from jax.test_util import check_grads
 from flax import nnx
 
-from tanglenas.nn import conv, masks
+from tanglenas.nn import conv
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

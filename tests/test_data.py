@@ -279,17 +279,3 @@ def test_load_text_missing_file(tmp_path):
     data.load_text(tmp_path / "nope.txt")
 
 
-def test_text_batch_windows_are_shifted_and_deterministic():
-  tokens = np.arange(100, dtype=np.int32) * 3
-  x, y = data.text_batch(tokens, batch_size=6, block_size=8, seed=1, step=4)
-  assert x.shape == y.shape == (6, 8) and x.dtype == y.dtype == np.int32
-  for row_x, row_y in zip(x, y):
-    start = row_x[0] // 3
-    np.testing.assert_array_equal(row_x, tokens[start:start + 8])
-    np.testing.assert_array_equal(row_y, tokens[start + 1:start + 9])
-  again, _ = data.text_batch(tokens, batch_size=6, block_size=8, seed=1, step=4)
-  other, _ = data.text_batch(tokens, batch_size=6, block_size=8, seed=1, step=5)
-  np.testing.assert_array_equal(again, x)
-  assert not np.array_equal(other, x)
-  with pytest.raises(ValueError, match="too short"):
-    data.text_batch(tokens[:8], batch_size=2, block_size=8, seed=0, step=0)

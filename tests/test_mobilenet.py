@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from space_checks import (assert_choice_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs,
-                          training_mode)
+                          random_genotypes, training_mode)
 from tanglenas.nn.arch import one_hot_mixture, sample_path
 from tanglenas.spaces import count_params, get_space
 from tanglenas.spaces.mobilenet import MBConvBlock, MobileNetV3Space, make_divisible
@@ -39,11 +39,6 @@ def supernet(space):
 @pytest.fixture(scope="module")
 def images(space):
   return jax.random.normal(jax.random.key(0), (4,) + space.input_shape)
-
-
-def genotypes(space, n, seed=0):
-  rng = np.random.default_rng(seed)
-  return [space.random(rng) for _ in range(n)]
 
 
 def mobilenet_params(space, arch: dict) -> int:
@@ -81,7 +76,7 @@ def test_genotype_string_is_ofas_and_parses(space):
   expected = {"ks": [3, 7] + [3] * 18, "e": [3] * 19 + [6], "d": [2, 3, 2, 2, 4]}
   g = space.genotype(index)
   assert str(g) == json.dumps(expected)
-  for random_genotype in genotypes(space, 10):
+  for random_genotype in random_genotypes(space, 10):
     assert space.parse(str(random_genotype)) == random_genotype
   # blocks beyond their stage's depth may hold anything in OFA's strings; they parse to the same network
   loose = dict(expected, ks=[3, 7, 5, 5] + [3] * 16, e=[3] * 19 + [6])
@@ -97,7 +92,7 @@ TOL = 5e-5
 
 
 def test_one_hot_supernet_is_the_extracted_network(space, supernet, images):
-  chosen = genotypes(space, 2, seed=1)
+  chosen = random_genotypes(space, 2, seed=1)
   standalones = assert_one_hot_matches_standalone(space, supernet, chosen, images, tol=TOL)
   for g, standalone in zip(chosen, standalones):
     assert count_params(standalone) == mobilenet_params(space, json.loads(str(g)))
@@ -114,7 +109,7 @@ def test_extracted_network_keeps_the_running_statistics(space, supernet, images)
   supernet.eval()
   graphdef, state = nnx.split(supernet)
   forward = jax.jit(lambda state, mixture: nnx.merge(graphdef, state)(images, mixture))
-  (g,) = genotypes(space, 1, seed=5)
+  (g,) = random_genotypes(space, 1, seed=5)
   standalone = space.standalone(supernet, g)
   standalone.eval()
   standalone_graphdef, standalone_state = nnx.split(standalone)
@@ -124,7 +119,7 @@ def test_extracted_network_keeps_the_running_statistics(space, supernet, images)
 
 
 def test_choice_masks_cover_gradients(space, supernet, images):
-  assert_choice_masks_cover_gradients(space, supernet, genotypes(space, 1, seed=2)[0], images)
+  assert_choice_masks_cover_gradients(space, supernet, random_genotypes(space, 1, seed=2)[0], images)
 
 
 def test_ws_block_is_the_weighted_sum_of_separate_blocks():
@@ -147,7 +142,7 @@ def test_ws_block_is_the_weighted_sum_of_separate_blocks():
 @pytest.mark.slow
 def test_ws_supernet_is_the_extracted_network(space, images):
   ws = space.supernet(mode="ws", rngs=fast_rngs(3))
-  chosen = genotypes(space, 2, seed=4)
+  chosen = random_genotypes(space, 2, seed=4)
   for g, standalone in zip(chosen, assert_one_hot_matches_standalone(space, ws, chosen, images, tol=TOL)):
     assert count_params(standalone) == mobilenet_params(space, json.loads(str(g)))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from space_checks import fast_rngs
+from space_checks import assert_prefix_one_hot_matches_extracted, fast_rngs, jitted, random_genotypes
 from tanglenas.nn.arch import one_hot_mixture, sample_path, uniform_mixture
 from tanglenas.spaces import count_params, get_space
 from tanglenas.spaces.nanogpt import NanoGPTSpace, language_model_metrics
@@ -39,24 +39,6 @@ def tokens(space):
   return jax.random.randint(jax.random.key(0), (2, T), 0, space.num_classes)
 
 
-def jitted(model, traces=None):
-  """The model's forward (logits, features), jitted once for every mixture; appends to `traces` per trace."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, x, mixture):
-    if traces is not None:
-      traces.append(None)  # runs only while tracing
-    return nnx.merge(graphdef, state)(x, mixture, return_features=True)
-
-  return lambda x, mixture=None: forward(state, x, mixture)
-
-
-def genotypes(space, n, seed=0):
-  rng = np.random.default_rng(seed)
-  return [space.random(rng) for _ in range(n)]
-
-
 def gpt_params(space, arch: dict, tied: bool = True) -> int:
   """Weights of the GPT an architecture dict describes, counted from its definition (biases on)."""
   e, hd, vocab = arch["embed"], space.choices.head_dim, space.num_classes
@@ -79,7 +61,7 @@ def test_decisions_count_and_presets(space):
 def test_genotype_string_and_parsing(space):
   g = space.genotype({d.name: 0 for d in space.decisions} | {"depth": 1, "heads_1": 1, "mlp_ratio_0": 1})
   assert str(g) == '{"embed": 16, "depth": 2, "mlp_ratio": [4, 2], "heads": [1, 2]}'
-  for g in genotypes(space, 10):
+  for g in random_genotypes(space, 10):
     assert space.parse(str(g)) == g
   with pytest.raises(ValueError, match="nanogpt: heads 3 is not one of"):
     space.parse('{"embed": 16, "depth": 1, "mlp_ratio": [4], "heads": [3]}')
@@ -87,30 +69,14 @@ def test_genotype_string_and_parsing(space):
 
 @pytest.mark.parametrize("mode", ["we", "ws"])
 def test_one_hot_supernet_is_the_extracted_network(space, supernets, tokens, mode):
-  supernet = supernets[mode]
-  supernet.eval()
-  traces, outputs = [], set()
-  forward = jitted(supernet, traces)
-  for g in genotypes(space, 4, seed=1):
-    logits, h = forward(tokens, one_hot_mixture(space.decisions, space.index_map(g)))
-    standalone = space.standalone(supernet, g)
-    standalone.eval()
-    expected_logits, expected_h = jitted(standalone)(tokens)
-    e = json.loads(str(g))["embed"]
-    assert logits.shape == (2, T, space.num_classes)
-    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5, err_msg=str(g))
-    np.testing.assert_allclose(h[..., :e], expected_h, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(h[..., e:], 0.0)
-    assert count_params(standalone) == gpt_params(space, json.loads(str(g)))
-    outputs.add(float(jnp.sum(logits)))
-  assert len(traces) == 1 and len(outputs) == 4, "one compiled forward serves every path"
+  assert_prefix_one_hot_matches_extracted(space, supernets[mode], tokens, lambda arch: gpt_params(space, arch))
 
 
 def test_untied_head_is_extracted_too(space, tokens):
   untied = NanoGPTSpace("tiny", tie_weights=False)
   supernet = untied.supernet(rngs=fast_rngs(1))
   supernet.eval()
-  g = genotypes(untied, 1, seed=4)[0]
+  g = random_genotypes(untied, 1, seed=4)[0]
   standalone = untied.standalone(supernet, g)
   standalone.eval()
   np.testing.assert_allclose(jitted(supernet)(tokens, one_hot_mixture(untied.decisions, untied.index_map(g)))[0],
@@ -139,7 +105,7 @@ def test_choice_masks_cover_gradients(space, supernets, tokens):
     supernet.eval()
     graphdef, params, rest = nnx.split(supernet, nnx.Param, ...)
     flat_params = dict(nnx.to_flat_state(params))
-    for g in genotypes(space, 2, seed=5):
+    for g in random_genotypes(space, 2, seed=5):
       chosen = space.index_map(g)
       mixture = one_hot_mixture(space.decisions, chosen)
       projection = jax.random.normal(jax.random.key(2), (2, T, space.num_classes))

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -119,3 +120,10 @@ class Space(abc.ABC):
 def count_params(module: nnx.Module) -> int:
   """Number of trainable weights (nnx.Param), architecture parameters excluded."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def copy_module(module: nnx.Module) -> nnx.Module:
+  """A copy of a supernet part a standalone network keeps whole, in its own buffers (so donating the supernet's
+  weights in a later step never invalidates the network's)."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

@@ -39,9 +39,9 @@ from tanglenas.nn.arch import Decision, check_mode, init_arch
 from tanglenas.nn.conv import EntangledConv
 from tanglenas.nn.norm import BatchNorm
 from tanglenas.spaces import toy_cell
-from tanglenas.spaces.base import ChoiceMask, Genotype, Space
+from tanglenas.spaces.base import ChoiceMask, Genotype, Space, copy_module
 from tanglenas.spaces.nb201 import Identity, Pool, ReLUConvBN, Zero
-from tanglenas.spaces.toy_cell import FAMILY_MIXES, EntangledEdge, FixedEdge, SharedEdge, _copy_module
+from tanglenas.spaces.toy_cell import FAMILY_MIXES, EntangledEdge, FixedEdge, SharedEdge
 
 OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect") + toy_cell.OPS
 NUM_CONV_FREE = len(OPS) - len(toy_cell.OPS)  # the first four operations have no convolution family
@@ -104,7 +104,7 @@ class MixedEdge(nnx.Module):
     if op == "none":
       return Zero(self.stride)
     if op == "skip_connect":
-      return _copy_module(self.skip)
+      return copy_module(self.skip)
     return (self.max_pool if op == "max_pool_3x3" else self.avg_pool).extract()
 
   def choice_masks(self, path: tuple, decision: str) -> list[ChoiceMask]:
@@ -204,12 +204,12 @@ class DartsSpace(Space):
       kind = "reduce" if cell.reduction else "normal"
       edges = [FixedEdge(edge.extract(choice[f"{kind}_e{i}"])) for i, edge in enumerate(cell.edges)]
       new = nnx.eval_shape(lambda: cell)  # an abstract copy of the structure, filled below
-      new.pre0, new.pre1, new.edges = _copy_module(cell.pre0), _copy_module(cell.pre1), nnx.List(edges)
+      new.pre0, new.pre1, new.edges = copy_module(cell.pre0), copy_module(cell.pre1), nnx.List(edges)
       cells.append(new)
     net = nnx.eval_shape(lambda: supernet)
     net.stem, net.stem_bn = supernet.stem.extract(), supernet.stem_bn.extract()
     net.cells, net.arch = nnx.List(cells), nnx.Dict({})
-    net.classifier = _copy_module(supernet.classifier)
+    net.classifier = copy_module(supernet.classifier)
     return net
 
   def choice_masks(self, supernet: DartsNetwork) -> list[ChoiceMask]:

@@ -33,8 +33,8 @@ from tanglenas.nn import masks as masks_lib
 from tanglenas.nn.arch import Decision, check_mode, init_arch
 from tanglenas.nn.conv import EntangledConv
 from tanglenas.nn.norm import BatchNorm
-from tanglenas.spaces.base import ChoiceMask, Genotype, Space
-from tanglenas.spaces.toy_cell import FixedEdge, _copy_module
+from tanglenas.spaces.base import ChoiceMask, Genotype, Space, copy_module
+from tanglenas.spaces.toy_cell import FixedEdge
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 EDGES = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2))  # (node, input node), in NAS-Bench-201's string order
@@ -244,11 +244,11 @@ class NB201Space(Space):
       if isinstance(layer, Cell):
         layers.append(Cell([FixedEdge(edge.extract(op)) for edge, op in zip(layer.edges, ops)]))
       else:
-        layers.append(_copy_module(layer))
+        layers.append(copy_module(layer))
     net = nnx.eval_shape(lambda: supernet)
     net.stem, net.stem_bn = supernet.stem.extract(), supernet.stem_bn.extract()
     net.layers, net.arch = nnx.List(layers), nnx.Dict({})
-    net.last_bn, net.classifier = supernet.last_bn.extract(), _copy_module(supernet.classifier)
+    net.last_bn, net.classifier = supernet.last_bn.extract(), copy_module(supernet.classifier)
     return net
 
   def choice_masks(self, supernet: NB201Network) -> list[ChoiceMask]:

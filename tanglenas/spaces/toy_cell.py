@@ -31,7 +31,7 @@ from tanglenas.nn import masks as masks_lib
 from tanglenas.nn.arch import Decision, check_mode, init_arch
 from tanglenas.nn.conv import EntangledConv
 from tanglenas.nn.norm import BatchNorm
-from tanglenas.spaces.base import ChoiceMask, Genotype, Space
+from tanglenas.spaces.base import ChoiceMask, Genotype, Space, copy_module
 
 OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 FAMILY_MIXES = ("reference", "weighted")
@@ -256,7 +256,7 @@ class ToyCellSpace(Space):
     net = nnx.eval_shape(lambda: supernet)
     net.cells, net.arch = nnx.List(cells), nnx.Dict({})
     net.dropout = nnx.Dropout(supernet.dropout.rate, rngs=nnx.Rngs(0))
-    net.fc1, net.fc2 = _copy_module(supernet.fc1), _copy_module(supernet.fc2)
+    net.fc1, net.fc2 = copy_module(supernet.fc1), copy_module(supernet.fc2)
     return net
 
   def choice_masks(self, supernet: ToyCellNetwork) -> list[ChoiceMask]:
@@ -286,8 +286,3 @@ class ToyCellSpace(Space):
         raise ValueError(f"{self.name}: each cell needs 3 edges over {OPS} from nodes {EDGE_INPUTS}: {part}")
       indices.extend(OPS.index(op) for op, _ in edges)
     return self.genotype(indices)
-
-
-def _copy_module(module: nnx.Module) -> nnx.Module:
-  graphdef, state = nnx.split(module)
-  return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

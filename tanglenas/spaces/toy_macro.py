@@ -29,8 +29,8 @@ from flax import nnx
 from tanglenas.nn import masks as masks_lib
 from tanglenas.nn.arch import Decision, check_mode, init_arch
 from tanglenas.nn.conv import EntangledConv
-from tanglenas.spaces.base import ChoiceMask, Genotype, Space
-from tanglenas.spaces.toy_cell import _copy_module
+from tanglenas.spaces.base import ChoiceMask, Genotype, Space, copy_module
+
 
 WIDTHS = ((8, 16, 32), (16, 32, 64), (32, 64, 128), (64, 128, 256))  # c1..c4
 KERNELS = (3, 5, 7)  # k1..k4
@@ -134,8 +134,8 @@ class ToyMacroSpace(Space):
     net.conv5 = supernet.conv5.extract(in_=c[3])
     net.arch = nnx.Dict({})
     net.dropout = nnx.Dropout(supernet.dropout.rate, broadcast_dims=(1, 2), rngs=nnx.Rngs(0))
-    net.fcs = nnx.List([_copy_module(fc) for fc in supernet.fcs])
-    net.head = _copy_module(supernet.head)
+    net.fcs = nnx.List([copy_module(fc) for fc in supernet.fcs])
+    net.head = copy_module(supernet.head)
     return net
 
   def choice_masks(self, supernet: MacroNetwork) -> list[ChoiceMask]:
