@@ -54,6 +54,9 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
     print(f"run directory: {path}")
     print(f"genotype: {result.genotype}")
     print(_accuracy_line(evaluation))
+    if "val_bits_per_char" in result.metrics:  # language models: the measure their papers report
+      print(f"supernet validation loss: {result.metrics['val_loss']:.4f} nats, "
+            f"{result.metrics['val_bits_per_char']:.4f} bits per character")
   return run
 
 

@@ -246,6 +246,11 @@ def _check_dataset(name: str, data_dir: str) -> None:
     if root is None or not any((d / data.CIFAR10_TEST_FILE).is_file() for d in (root, root / data.CIFAR10_SUBDIR)):
       raise FileNotFoundError(f"CIFAR-10 batches not found in {root or '(no --data-dir)'}: pass --data-dir the "
                               "folder holding data_batch_1..5 and test_batch")
+  elif name in ("imagenet", "imagenet16_120"):
+    if not data_dir or data.find_imagenet_file(Path(data_dir), data.IMAGENET_VAL_FILE) is None:
+      raise FileNotFoundError(f"downsampled ImageNet not found in {data_dir or '(no --data-dir)'}: pass --data-dir "
+                              "the folder holding train_data_batch_1..10 and val_data (\"Downsampled ImageNet\", "
+                              "image-net.org)")
 
 
 def _check_writable(workdir: Path) -> None:

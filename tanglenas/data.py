@@ -249,8 +249,8 @@ def load_downsampled_imagenet(data_dir: str | Path, *, num_classes: int = 1000, 
     raise ValueError(f"num_classes keeps ImageNet's classes 1..num_classes and must lie in [1, 1000], got "
                      f"{num_classes}")
   root = Path(data_dir)
-  train_paths = [_find_imagenet_file(root, file) for file in IMAGENET_TRAIN_FILES]
-  val_path = _find_imagenet_file(root, IMAGENET_VAL_FILE)
+  train_paths = [find_imagenet_file(root, file) for file in IMAGENET_TRAIN_FILES]
+  val_path = find_imagenet_file(root, IMAGENET_VAL_FILE)
   missing = [file for file, path in zip((*IMAGENET_TRAIN_FILES, IMAGENET_VAL_FILE), (*train_paths, val_path))
              if path is None]
   if missing:
@@ -294,7 +294,7 @@ def _read_imagenet_split(paths: Sequence[Path], num_classes: int, image_size: in
   return np.concatenate(images)[:max_examples], np.concatenate(labels)[:max_examples]
 
 
-def _find_imagenet_file(root: Path, file: str) -> Path | None:
+def find_imagenet_file(root: Path, file: str) -> Path | None:
   """`root/file`, or `root/<download folder>/file`; None when neither exists."""
   found = [path for path in (root / file, *sorted(root.glob(f"*/{file}"))) if path.is_file()]
   if len(found) > 1:

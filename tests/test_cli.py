@@ -67,6 +67,7 @@ BAD_INPUT = [
   (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2"),
   (["--data-dir", "/nonexistent"], "Fashion-MNIST files"),
   (["--dataset", "cifar10"], "CIFAR-10 batches not found"),
+  (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "downsampled ImageNet not found in /nonexistent"),
   (["--benchmark", "/nonexistent.pkl"], "benchmark file /nonexistent.pkl not found"),
   (["--benchmark", "OTHER_SPACE"], "is this the benchmark of another search space?"),
   (["--workdir", "A_FILE/run"], "cannot be written"),
