@@ -159,6 +159,24 @@ def test_depthwise_formulations_agree_in_outputs_and_gradients(kernel, stride, d
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel, padding, stride, dilation", [(7, 2, 1, 1), (3, 0, 2, 1), (5, 1, 2, 1),
+                                                               (3, 1, 1, 2), (5, 0, 3, 1), (7, 3, 1, 1)])
+def test_dense_conv_gradients_equal_xla_for_any_padding(kernel, padding, stride, dilation):
+  """Convolutions padded less than "same" take their input gradient from an explicitly padded convolution
+  (XLA's CPU backend is slow on the one JAX's transpose asks for); outputs and both gradients equal XLA's."""
+  x, w = random_x((2, 11, 11, 3)), random_x((kernel, kernel, 3, 4), seed=1)
+  dimensions = ("NHWC", "HWIO", "NHWC")
+  reference = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
+                                                        rhs_dilation=(dilation, dilation), dimension_numbers=dimensions)
+  ours = lambda x, w: conv.conv2d(x, w, stride=stride, dilation=dilation, padding=padding)
+  want, vjp_want = jax.vjp(reference, x, w)
+  got, vjp_got = jax.vjp(ours, x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g = random_x(want.shape, seed=2)
+  for a, b in zip(jax.jit(vjp_got)(g), jax.jit(vjp_want)(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", FORMULATIONS)
 def test_depthwise_conv_rejects_channel_mismatch(impl):
   with pytest.raises(ValueError, match="channels"):

@@ -148,8 +148,44 @@ def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilati
   if kernel_HWIO.shape[:2] == (1, 1) and padding == 0:
     strided = x_NHWC[:, ::stride, ::stride] if stride > 1 else x_NHWC
     return lax.dot_general(strided, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
+  if padding < dilation * (kernel_HWIO.shape[0] - 1) // 2:  # less than "same": see _padded_input_grad_conv
+    return _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+
+
+def _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
   return lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+
+
+def _padded_input_grad_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
+
+
+def _padded_input_grad_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
+  """A convolution padded less than "same" has an input gradient that is a convolution padded MORE than
+  "same", which XLA's CPU backend runs ~20x slower (the toy macro space's last 7x7 conv, padding 2: 12 s of a
+  step). So the output gradient is padded (and stride-dilated) explicitly, behind an optimization barrier
+  that keeps XLA from folding the padding back into the convolution, and correlated "valid" with the
+  flipped kernel. The kernel's gradient is JAX's own."""
+  x_NHWC, kernel_HWIO = residuals
+  k = kernel_HWIO.shape[0]  # square kernels, as every layer here builds them
+  _, h, w, _ = x_NHWC.shape
+  ho, wo = g_NHWC.shape[1:3]
+  g_padded = _pad_hw(g_NHWC, (k - 1) * dilation - padding, h + padding - (ho - 1) * stride - 1,
+                     w + padding - (wo - 1) * stride - 1, interior=stride - 1)
+  flipped_HWOI = jnp.swapaxes(kernel_HWIO[::-1, ::-1], 2, 3)
+  dx = _lax_conv(lax.optimization_barrier(g_padded), flipped_HWOI, 1, dilation, 0)
+  _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x_NHWC, k, stride, dilation, padding), kernel_HWIO)
+  return dx, kernel_vjp(g_NHWC)[0]
+
+
+_padded_input_grad_conv.defvjp(_padded_input_grad_conv_fwd, _padded_input_grad_conv_bwd)
 
 
 class EntangledConv(nnx.Module):
