@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tanglenas import data as data_lib
+from tanglenas.benchmarks import TabularBenchmark
 from tanglenas.config import Config
 from tanglenas.nn.arch import ArchParam, arch_logits, set_arch_logits
 from tanglenas.samplers import Sampler, get_sampler, gm
@@ -386,6 +387,7 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
   probs_fn = jax.jit(gm.every_leaf(run.strategy.probs) if config.sampler == "gm" else run.strategy.probs)
   pending, last_metrics, last_sync = [], {}, (step, time.perf_counter())
   progress = tqdm(total=run.total_steps, initial=step, disable=config.quiet, desc="search", unit="step")
+  benchmark = TabularBenchmark.load(config.benchmark, space=run.space.name) if config.benchmark else None
   if step == 0:  # what the first epoch draws from; later ones are logged at each epoch end
     logger.log_distributions(step, run.sampler.distributions(state.sampler), run.space.decisions)
   while step < end and run.train_iter.epoch < config.epochs:
@@ -403,6 +405,7 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
       if config.sampler == "gm":
         state, splits = gm.split_leaves(run, state, epoch + 1)
         gm.log_splits(logger, step, splits)
+      _log_derived(run, state, logger, step, probs_fn, benchmark)
       if run.train_iter.epoch < config.epochs:
         _begin_epoch(run, state, run.train_iter.epoch)
     done = step >= end or run.train_iter.epoch >= config.epochs
@@ -417,6 +420,26 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
   progress.close()
   last_metrics["step_traces"] = step_fn.traces
   return state, last_metrics
+
+
+def _log_derived(run: Run, state: SearchState, logger, step: int, probs_fn: Callable,
+                 benchmark: TabularBenchmark | None) -> None:
+  """At an epoch end: the architecture the run would return now (per active leaf for gm), and its test
+  accuracy and rank in the tabular benchmark when one is given. SPOS derives by searching the trained
+  supernet, which is done once, at the end."""
+  if not run.strategy.learns_arch:
+    return
+  probs = jax.device_get(probs_fn(state.logits, state.strategy))
+  leaves = gm.active_leaves(state) if run.config.sampler == "gm" else [None]
+  metrics = {}
+  for leaf in leaves:
+    genotype = run.space.derive(probs if leaf is None else {name: p[leaf] for name, p in probs.items()})
+    prefix = "" if leaf is None else f"leaf{leaf}/"
+    metrics[f"{prefix}genotype"] = genotype.text
+    if benchmark is not None:
+      metrics.update({f"{prefix}benchmark_test_acc": benchmark.accuracy(genotype),
+                      f"{prefix}benchmark_rank": benchmark.rank(genotype)})
+  logger.log(step, metrics)
 
 
 def _begin_epoch(run: Run, state: SearchState, epoch: int) -> None:

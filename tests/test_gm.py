@@ -302,6 +302,10 @@ def test_search_splits_into_two_leaves_trained_by_one_compiled_step(tmp_path, st
     for d in TINY_SPACE.decisions:
       np.testing.assert_allclose([last[f"arch/leaf{slot}/{d.name}/{c}"] for c in d.choices], probs[d.name],
                                  rtol=1e-5, atol=1e-7)
+  # each epoch end derives every active leaf's architecture (strategies that learn one; spos searches at the end)
+  derived = {r["step"]: sorted(k for k in r if k.endswith("genotype")) for r in read_metrics(tmp_path)
+             if any(k.endswith("genotype") for k in r) and r["step"] < 16}
+  assert derived == ({} if strategy == "spos" else {8: ["leaf0/genotype", "leaf1/genotype"]})
 
 
 def test_search_with_splits_resumes_exactly(tmp_path):

@@ -19,7 +19,6 @@ def test_notebooks_are_stored_without_outputs():
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
-@pytest.mark.slow  # each compiles a toy-cell search step (tens of seconds on 2 cores)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch):
   monkeypatch.setenv("TANGLENAS_SMOKE", "1")

@@ -149,6 +149,31 @@ def test_resume_continues_exactly(reference, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 24
 
 
+def test_each_epoch_logs_its_derived_architecture_and_benchmark_figures(tmp_path):
+  """At every epoch end: the genotype the logged probabilities derive, and its accuracy and rank in the given
+  tabular benchmark (here every tiny-space architecture with a seeded accuracy)."""
+  import pickle
+
+  from tanglenas.benchmarks import TabularBenchmark
+
+  rng = np.random.default_rng(0)
+  table = {g.text: {"test_acc": float(rng.uniform(50, 90)), "train_acc": 1.0} for g in SPACE.enumerate()}
+  path = tmp_path / "tiny_benchmark.pkl"
+  path.write_bytes(pickle.dumps(table))
+  result = search(TINY.replace(benchmark=str(path)), tmp_path / "run", space=SPACE)
+  records = read_metrics(result.workdir)
+  derived = {r["step"]: r for r in records if "genotype" in r and "benchmark_rank" in r}
+  assert sorted(derived) == [8, 16, 24]  # 8 steps per epoch
+  benchmark = TabularBenchmark(table)
+  arch = {r["step"]: r for r in records if any(k.startswith("arch/") for k in r)}
+  for step, record in derived.items():
+    logged = {d.name: [arch[step][f"arch/{d.name}/{c}"] for c in d.choices] for d in SPACE.decisions}
+    assert record["genotype"] == SPACE.derive(logged).text
+    assert record["benchmark_test_acc"] == benchmark.accuracy(record["genotype"])
+    assert record["benchmark_rank"] == benchmark.rank(record["genotype"])
+  assert derived[24]["genotype"] == result.genotype
+
+
 def test_resume_with_the_uniform_sampler_continues_exactly(tmp_path):
   """SPOS on uniformly sampled paths (the sampler's randomness lives in the state's key and the iterator):
   stopped mid-epoch and resumed, the weights end bit for bit where an uninterrupted run's do."""
