@@ -473,7 +473,9 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
     means.update({f"{split}_bits_per_char": bits_per_char(means[f"{split}_loss"]) for split in ("train", "val")
                   if f"{split}_loss" in means})
   means["epoch"] = run.train_iter.epoch
-  means["steps_per_second"] = (step - last_sync[0]) / max(time.perf_counter() - last_sync[1], 1e-9)
+  seconds = max(time.perf_counter() - last_sync[1], 1e-9)
+  means["steps_per_second"] = (step - last_sync[0]) / seconds
+  means["step_ms"] = 1e3 * seconds / max(step - last_sync[0], 1)
   logger.log(step, means)
   leaves = gm.active_leaves(state) if run.config.sampler == "gm" else None
   logger.log_arch(step, jax.device_get(probs_fn(state.logits, state.strategy)), run.space.decisions, leaves=leaves)

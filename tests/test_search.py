@@ -172,6 +172,8 @@ def test_each_epoch_logs_its_derived_architecture_and_benchmark_figures(tmp_path
     assert record["benchmark_test_acc"] == benchmark.accuracy(record["genotype"])
     assert record["benchmark_rank"] == benchmark.rank(record["genotype"])
   assert derived[24]["genotype"] == result.genotype
+  timed = [r for r in records if "train_loss" in r]
+  assert timed and all(r["step_ms"] == pytest.approx(1e3 / r["steps_per_second"]) for r in timed)
 
 
 def test_resume_with_the_uniform_sampler_continues_exactly(tmp_path):
