@@ -156,7 +156,8 @@ def main() -> None:
     setup = SETUPS[space_name]
     base = Config(space=space_name, space_options=setup.options(args), batch_size=args.batch, epochs=10, quiet=True,
                   wandb_mode="disabled")
-    dataset = synthetic_dataset(shape=get_space(space_name, **base.space_options).input_shape, num_classes=10, n_train=4 * args.batch, n_test=args.batch)
+    dataset = synthetic_dataset(shape=get_space(space_name, **base.space_options).input_shape, num_classes=10,
+                                n_train=4 * args.batch, n_test=args.batch)
     baseline, baseline_params = baseline_step(base, dataset, setup.baseline)
     if not args.json:
       print(f"\n{space_name}: baseline {setup.baseline_name}, {baseline_params:,} params, temp memory "
@@ -166,7 +167,8 @@ def main() -> None:
             f"{'compile s':>9} {'params':>10}")
     measured = {}
     for mode, strategy in rows:
-      row = measured[mode, strategy] = measure(base.replace(mode=mode, strategy=strategy), dataset, baseline, args.repeats)
+      config = base.replace(mode=mode, strategy=strategy)
+      row = measured[mode, strategy] = measure(config, dataset, baseline, args.repeats)
       row.update(header, baseline=setup.baseline_name, baseline_params=baseline_params,
                  baseline_memory_mb=baseline.memory_bytes / 2**20)
       if args.json:

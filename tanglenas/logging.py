@@ -97,13 +97,13 @@ class RunLogger:
 
     "paths" {decision: [K]} become scalars `dist/path/<decision>/<choice>`, drawn like the architecture
     probabilities. "examples" [N], the probability q_i of drawing training example i, becomes a histogram
-    `dist/data_weight` of N * q_i over the fixed edges `DATA_WEIGHT_EDGES` (values beyond them count in the
-    end bins, so the counts sum to N), plus `dist/data_ess` = 1 / (N * sum q^2), Kish's effective sample
-    size as a fraction of N (1: uniform, 1/N: one example takes all). N * q_i reads directly: an epoch draws N examples, so it is the number of
-    times example i is expected to be visited (1: uniform). Its bins are log-spaced because importance
-    sampling acts by ratios (an example drawn 4x as often as uniform is as far from uniform as one drawn
-    1/4 as often), and fixed so that histograms of different epochs, runs and dataset sizes compare; the
-    raw q is not stored, so the log stays small for any pool size.
+    `dist/data_weight` of N * q_i over the fixed edges `DATA_WEIGHT_EDGES` (values beyond them count in the end
+    bins, so the counts sum to N), plus `dist/data_ess` = 1 / (N * sum q^2), Kish's effective sample size as a
+    fraction of N (1: uniform, 1/N: one example takes all). N * q_i reads directly: an epoch draws N examples, so it
+    is the number of times example i is expected to be visited (1: uniform). Its bins are log-spaced because
+    importance sampling acts by ratios (an example drawn 4x as often as uniform is as far from uniform as one drawn
+    1/4 as often), and fixed so that histograms of different epochs, runs and dataset sizes compare; the raw q is
+    not stored, so the log stays small for any pool size.
     """
     if distributions is None:
       return

@@ -114,7 +114,8 @@ def test_run_killed_at_any_moment_loses_only_the_steps_since_its_last_checkpoint
   directory = tmp_path / "ckpt"
   # The child imports tanglenas from this checkout, installed or not.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": python_path}
   proc = subprocess.Popen([sys.executable, str(script), str(directory)], stdout=subprocess.PIPE, text=True, env=env)
   for _ in range(3):  # let it complete a few saves, then kill it at some moment within the next one
     last_done = int(proc.stdout.readline())
