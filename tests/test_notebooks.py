@@ -19,13 +19,8 @@ def test_notebooks_are_stored_without_outputs():
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
-# The quickstart runs in the default suite; the other two (2 and 1 CPU-minutes at smoke size) in the slow tier,
-# which keeps the default suite under 10 minutes on 2 cores.
-SLOW_NOTEBOOKS = ("02_compare_samplers", "03_we_vs_ws")
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
-                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.slow  # 1-2 CPU-minutes each at smoke size: in the default suite they would push it past 10 minutes
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch):
   monkeypatch.setenv("TANGLENAS_SMOKE", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
