@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tanglenas.nn.arch import Decision
+from tanglenas.samplers import gm
 
 WANDB_MODES = ("offline", "online", "disabled")
 # bin edges of a data-sampling histogram, in N * q (1: uniform): 1/32 .. 32 in steps of sqrt(2)
@@ -86,8 +87,7 @@ class RunLogger:
     else:
       metrics = {}
       for i in leaves:
-        metrics.update(_choice_scalars(f"arch/leaf{i}/", {name: np.asarray(p)[i] for name, p in probs.items()},
-                                       decisions))
+        metrics.update(_choice_scalars(f"arch/leaf{i}/", gm.leaf_probs(probs, i), decisions))
     self.log(step, metrics)
 
   def log_distributions(self, step: int, distributions: Mapping[str, Any] | None,

@@ -33,11 +33,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tanglenas import data as data_lib
 from tanglenas.benchmarks import TabularBenchmark
 from tanglenas.config import Config
+from tanglenas.metrics import accuracy, bits_per_char
 from tanglenas.nn.arch import ArchParam, arch_logits, set_arch_logits
 from tanglenas.samplers import Sampler, get_sampler, gm
 from tanglenas.samplers.stats import choice_grad_norms, sample_scores
 from tanglenas.spaces import ChoiceMask, Space, get_space
-from tanglenas.spaces.nanogpt import bits_per_char
 from tanglenas.strategies import Strategy, get_strategy, unrolled_value_and_grad
 
 BATCH_AXIS = "batch"
@@ -173,7 +173,7 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
           lambda logits: val_loss(state.weights, logits), has_aux=True)(state.logits)
     updates, strategy_state = strategy.update(grads, state.strategy, state.logits)
     logits = optax.apply_updates(state.logits, updates)
-    metrics = dict(val_loss=val_ce, val_acc=_accuracy(out, y_val), arch_grad_norm=optax.global_norm(grads))
+    metrics = dict(val_loss=val_ce, val_acc=accuracy(out, y_val), arch_grad_norm=optax.global_norm(grads))
     return state._replace(logits=logits, strategy=strategy_state, rest=rest), metrics
 
   return arch_step
@@ -201,7 +201,7 @@ def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tupl
       stats = {"choice_grad_norms": choice_grad_norms(grads, run.choice_masks, decisions),
                "sample_scores": sample_scores(out, h, y), "sample_ids": ids, "path": mixture}
       sampler_state = sampler.update(sampler_state, stats)
-    metrics = dict(train_loss=loss, train_acc=_accuracy(out, y), grad_norm=optax.global_norm(grads),
+    metrics = dict(train_loss=loss, train_acc=accuracy(out, y), grad_norm=optax.global_norm(grads),
                    learning_rate=run.schedule(state.step))
     return state._replace(weights=weights, rest=rest, weight_opt=weight_opt, sampler=sampler_state), metrics
 
@@ -253,11 +253,16 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.argmax(logits, -1) == labels)
-
-
 # --- building a run -------------------------------------------------------------------------------------------
+def _vocab_size_fix(config: Config, vocab_size: int) -> str:
+  """How the user who launched `config` sets the space's vocabulary size (the flag or the experiment entry)."""
+  if "vocab_size" in config.space_options:
+    return f"--vocab-size {vocab_size}"
+  if not config.space_options:
+    return f"--space-options vocab_size {vocab_size}"
+  return f"'vocab_size': {vocab_size} in the experiment's space_options"
+
+
 def build_run(config: Config, space: Space | None = None,
               dataset: data_lib.Dataset | None = None) -> tuple[Run, nnx.Module]:
   """The static parts of a search (space, data iterators, strategy, sampler, optimizers, device mesh) and
@@ -271,10 +276,8 @@ def build_run(config: Config, space: Space | None = None,
                      f"{space.name} expects {space.input_shape}: pick a matching dataset or space input_shape")
   if space.task == "language_model" and dataset.num_classes > space.num_classes:
     n = dataset.num_classes  # tokens past the vocabulary would have no logit
-    fix = (f"--vocab-size {n}" if "vocab_size" in config.space_options else f"--space-options vocab_size {n}"
-           if not config.space_options else f"'vocab_size': {n} in the experiment's space_options")
     raise ValueError(f"text file {config.data_dir or dataset.name} has {n} characters but space {space.name} has "
-                     f"vocab_size {space.num_classes}: pass {fix}")
+                     f"vocab_size {space.num_classes}: pass {_vocab_size_fix(config, n)}")
   devices = jax.local_devices()
   if config.batch_size % len(devices):
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} local devices "
@@ -401,11 +404,13 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
     if run.train_iter.epoch != epoch:  # the epoch just ended
       state = state._replace(sampler=_keep_types(run.sampler.on_epoch_end(state.sampler, epoch, config.epochs),
                                                  state.sampler))
-      logger.log_distributions(step, run.sampler.distributions(state.sampler), run.space.decisions)
       if config.sampler == "gm":
         state, splits = gm.split_leaves(run, state, epoch + 1)
         gm.log_splits(logger, step, splits)
-      _log_derived(run, state, logger, step, probs_fn, benchmark)
+      distributions, probs = jax.device_get((run.sampler.distributions(state.sampler),
+                                             probs_fn(state.logits, state.strategy)))  # one host sync
+      logger.log_distributions(step, distributions, run.space.decisions)
+      _log_derived(run, state, logger, step, probs, benchmark)
       if run.train_iter.epoch < config.epochs:
         _begin_epoch(run, state, run.train_iter.epoch)
     done = step >= end or run.train_iter.epoch >= config.epochs
@@ -422,18 +427,17 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
   return state, last_metrics
 
 
-def _log_derived(run: Run, state: SearchState, logger, step: int, probs_fn: Callable,
+def _log_derived(run: Run, state: SearchState, logger, step: int, probs: dict[str, np.ndarray],
                  benchmark: TabularBenchmark | None) -> None:
   """At an epoch end: the architecture the run would return now (per active leaf for gm), and its test
   accuracy and rank in the tabular benchmark when one is given. SPOS derives by searching the trained
   supernet, which is done once, at the end."""
   if not run.strategy.learns_arch:
     return
-  probs = jax.device_get(probs_fn(state.logits, state.strategy))
   leaves = gm.active_leaves(state) if run.config.sampler == "gm" else [None]
   metrics = {}
   for leaf in leaves:
-    genotype = run.space.derive(probs if leaf is None else {name: p[leaf] for name, p in probs.items()})
+    genotype = run.space.derive(probs if leaf is None else gm.leaf_probs(probs, leaf))
     prefix = "" if leaf is None else f"leaf{leaf}/"
     metrics[f"{prefix}genotype"] = genotype.text
     if benchmark is not None:

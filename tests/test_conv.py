@@ -159,22 +159,64 @@ def test_depthwise_formulations_agree_in_outputs_and_gradients(kernel, stride, d
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (5, 2, 1), (5, 1, 2), (3, 2, 2)])
+def test_depthwise_second_order_agrees_across_formulations(kernel, stride, dilation):
+  """Exact second-order DARTS differentiates the backward pass again: the shifted form's written-out gradients
+  must be differentiable to the same mixed second derivatives as XLA's convolution."""
+  x, k, v = random_x((2, 9, 9, 3)), random_x((kernel, kernel, 3), seed=1), random_x((kernel, kernel, 3), seed=2)
+  padding = dilation * (kernel - 1) // 2
+
+  def mixed(impl):
+    loss = lambda x, k: jnp.sum(jnp.sin(conv.depthwise_conv(x, k, stride=stride, dilation=dilation,
+                                                            padding=padding, impl=impl)))
+    kernel_grad_along_v = lambda x, k: jnp.vdot(jax.grad(loss, argnums=1)(x, k), v)
+    return jax.jit(jax.grad(kernel_grad_along_v, argnums=(0, 1)))(x, k)
+
+  for a, b in zip(mixed("shifted"), mixed("lax")):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel, padding, stride, dilation", [(7, 2, 1, 1), (3, 0, 2, 1), (5, 1, 2, 1),
-                                                               (3, 1, 1, 2), (5, 0, 3, 1), (7, 3, 1, 1)])
-def test_dense_conv_gradients_equal_xla_for_any_padding(kernel, padding, stride, dilation):
-  """Convolutions padded less than "same" take their input gradient from an explicitly padded convolution
-  (XLA's CPU backend is slow on the one JAX's transpose asks for); outputs and both gradients equal XLA's."""
-  x, w = random_x((2, 11, 11, 3)), random_x((kernel, kernel, 3, 4), seed=1)
+                                                               (3, 1, 1, 2), (5, 0, 3, 1), (7, 3, 1, 1),
+                                                               (3, 1, 2, 1), (5, 4, 1, 2)])
+@pytest.mark.parametrize("max_rows", [None, 60])
+def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation, max_rows, monkeypatch):
+  """The CPU formulation (batch chunks; an im2col input gradient below "same" padding) equals XLA's conv in
+  outputs and both gradients; `max_rows=60` makes every call split the batch of 4 into chunks."""
+  if max_rows:
+    monkeypatch.setattr(conv, "_FORWARD_ROWS", max_rows)
+    monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", max_rows)
+  x, w = random_x((4, 11, 11, 3)), random_x((kernel, kernel, 3, 4), seed=1)
   dimensions = ("NHWC", "HWIO", "NHWC")
   reference = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
                                                         rhs_dilation=(dilation, dilation), dimension_numbers=dimensions)
-  ours = lambda x, w: conv.conv2d(x, w, stride=stride, dilation=dilation, padding=padding)
+  ours = lambda x, w: conv.conv2d(x, w, stride=stride, dilation=dilation, padding=padding, impl="shifted")
   want, vjp_want = jax.vjp(reference, x, w)
   got, vjp_got = jax.vjp(ours, x, w)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   g = random_x(want.shape, seed=2)
   for a, b in zip(jax.jit(vjp_got)(g), jax.jit(vjp_want)(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", [1, 3])
+def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
+  """Exact second-order DARTS differentiates through the backward: mixed second derivatives agree too."""
+  monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", 60)
+  x, w, v = random_x((4, 9, 9, 2)), random_x((5, 5, 2, 3), seed=1), random_x((5, 5, 2, 3), seed=2)
+
+  def mixed(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(conv.conv2d(x, w, padding=padding, impl=impl)))
+    return jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss, argnums=1)(x, w), v)))(x)
+
+  np.testing.assert_allclose(mixed("shifted"), mixed("lax"), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_chunks_divide_the_batch():
+  assert conv._num_chunks(64, 32 * 32, 2048) == 32
+  assert conv._num_chunks(64, 8 * 8, 4096) == 1
+  assert conv._num_chunks(6, 100, 250) == 3  # 2 examples (200 rows) per chunk; 4 would not divide 6
+  assert conv._num_chunks(5, 100, 250) == 5  # no divisor of 5 fits 250 rows but 1 example per chunk
 
 
 @pytest.mark.parametrize("impl", FORMULATIONS)

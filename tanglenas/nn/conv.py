@@ -3,14 +3,14 @@
 Two formulations of the same depthwise convolution sit behind one function, picked per backend
 (../shared/PERFORMANCE.md): on CPU a sum of shifted slices times the per-tap weight is ~50x faster than XLA's
 grouped convolution; where cuDNN or a TPU serve convolutions, `lax.conv_general_dilated` is used.
-Dense convolutions use `lax.conv_general_dilated` (the fastest JAX form on CPU too), except 1x1 kernels, which
-run as a matmul over channels.
+Dense convolutions are XLA's on every backend (the fastest JAX form on CPU too, see `conv2d`); on CPU they run
+over batch chunks with written-out gradients, and 1x1 kernels run as a matmul over channels.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,28 +96,51 @@ def _shifted_depthwise_fwd(x_NHWC, kernel_HWC, stride, dilation, padding):
 
 
 def _shifted_depthwise_bwd(stride, dilation, padding, residuals, g_NHWC):
-  """Both gradients as fused loops: the input's is the correlation of the stride-dilated output gradient
-  with the flipped kernel; the kernel's is, per tap, the product of the input window and the output
-  gradient, summed over width by unrolled adds (XLA's CPU reduce of a sliced product is ~10x slower)."""
+  """Both gradients as fused loops (`_depthwise_input_grad`, `_depthwise_kernel_grad`). Each is itself built
+  from these custom-gradient functions, so differentiating the backward again (exact second-order DARTS)
+  stays a graph of the same compact loops instead of XLA's reverse of every slice."""
   x_NHWC, kernel_HWC = residuals
-  kh, kw, _ = kernel_HWC.shape
-  _, h, w, _ = x_NHWC.shape
-  ho, wo = g_NHWC.shape[1:3]
-  # dx[y] = sum_i g_dilated[y + padding - i*d]: pad the dilated gradient so that the flipped taps land.
-  low = (kh - 1) * dilation - padding
-  g_padded = _pad_hw(g_NHWC, low, h + padding - (ho - 1) * stride - 1, w + padding - (wo - 1) * stride - 1,
-                     interior=stride - 1)
-  dx = _correlate(g_padded, kernel_HWC[::-1, ::-1], 1, dilation, (h, w))
+  return (_depthwise_input_grad(g_NHWC, kernel_HWC, stride, dilation, padding, x_NHWC.shape[1:3]),
+          _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_HWC.shape[:2]))
 
+
+def _depthwise_input_grad(g_NHWC, kernel_HWC, stride, dilation, padding, in_hw):
+  """The transpose in x of the depthwise conv: the correlation of the stride-dilated output gradient with the
+  flipped kernel. dx[y] = sum_i g_dilated[y + padding - i*d], so the dilated gradient is padded until the
+  flipped taps land ("valid" correlation, stride 1)."""
+  kh, kw, _ = kernel_HWC.shape
+  ho, wo = g_NHWC.shape[1:3]
+  g_padded = _pad_hw(g_NHWC, (kh - 1) * dilation - padding, in_hw[0] + padding - (ho - 1) * stride - 1,
+                     in_hw[1] + padding - (wo - 1) * stride - 1, interior=stride - 1)
+  return _shifted_depthwise(g_padded, kernel_HWC[::-1, ::-1], 1, dilation, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw):
+  """The kernel gradient of the depthwise conv: per tap, the product of the input window and the output
+  gradient, summed over width by unrolled adds (XLA's CPU reduce of a sliced product is ~10x slower)."""
+  ho, wo = g_NHWC.shape[1:3]
   x_padded = _pad_hw(x_NHWC, padding, padding, padding)
-  taps = [(i, j) for i in range(kh) for j in range(kw)]
+  taps = [(i, j) for i in range(kernel_hw[0]) for j in range(kernel_hw[1])]
   group = max(1, _TERMS_PER_FUSION // min(wo, 16))  # taps per fusion: XLA splits (and slows) larger ones
   sums = []
   for start in range(0, len(taps), group):
     products = [_sum_width(_tap(x_padded, i * dilation, j * dilation, stride, (ho, wo)) * g_NHWC)
                 for i, j in taps[start:start + group]]
     sums.append(jnp.sum(jnp.stack(products), axis=(1, 2)))
-  return dx, jnp.concatenate(sums).reshape(kernel_HWC.shape).astype(kernel_HWC.dtype)
+  return jnp.concatenate(sums).reshape(*kernel_hw, x_NHWC.shape[-1]).astype(x_NHWC.dtype)
+
+
+def _depthwise_kernel_grad_fwd(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw):
+  return _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw), (x_NHWC, g_NHWC)
+
+
+def _depthwise_kernel_grad_bwd(stride, dilation, padding, kernel_hw, residuals, cotangent_HWC):
+  """The kernel gradient is bilinear in (x, g): its transpose in g is the conv of x with the cotangent, in x
+  the conv's input gradient of g with the cotangent as kernel."""
+  x_NHWC, g_NHWC = residuals
+  return (_depthwise_input_grad(g_NHWC, cotangent_HWC, stride, dilation, padding, x_NHWC.shape[1:3]),
+          _shifted_depthwise(x_NHWC, cotangent_HWC, stride, dilation, padding))
 
 
 _TERMS_PER_FUSION = 70  # products per output element in one kernel-gradient fusion (5 taps x 14 columns)
@@ -137,20 +160,25 @@ def _sum_width(a_NHWC: jax.Array) -> jax.Array:
   return a_NHWC[:, :, 0]
 
 
+_depthwise_kernel_grad.defvjp(_depthwise_kernel_grad_fwd, _depthwise_kernel_grad_bwd)
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilation: int = 1,
-           padding: int = 0) -> jax.Array:
-  """Dense 2-D convolution; a 1x1 kernel without padding runs as a matmul over channels (faster on CPU)."""
+           padding: int = 0, impl: str = "auto") -> jax.Array:
+  """Dense 2-D convolution. A 1x1 kernel without padding runs as a matmul over channels (faster on CPU).
+
+  `lax`: XLA's convolution and its own gradients. The CPU formulation (`shifted`, which `auto` picks on
+  CPU) runs the same XLA convolution over batch chunks with written-out gradients (`_chunked_conv`).
+  """
   if x_NHWC.shape[-1] != kernel_HWIO.shape[2]:
     raise ValueError(f"kernel expects {kernel_HWIO.shape[2]} input channels, input has {x_NHWC.shape[-1]}")
   if kernel_HWIO.shape[:2] == (1, 1) and padding == 0:
     strided = x_NHWC[:, ::stride, ::stride] if stride > 1 else x_NHWC
     return lax.dot_general(strided, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
-  if padding < dilation * (kernel_HWIO.shape[0] - 1) // 2:  # less than "same": see _padded_input_grad_conv
-    return _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
-  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  if resolve_impl(impl) == "lax":
+    return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  return _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
 
 
 def _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
@@ -158,34 +186,73 @@ def _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSIONS)
 
 
+# Output rows (batch x height x width) per chunk. XLA's CPU convolution slows down several-fold once one call
+# covers more rows than fit its working set: on the toy macro space's 32x32, 32->64, 7x7 conv (batch 64) the
+# kernel gradient takes 337 ms in one call and 106 ms over 32 chunks, the forward 109 ms and 62 ms.
+_FORWARD_ROWS, _KERNEL_GRAD_ROWS = 4096, 2048
+
+
+def _num_chunks(batch: int, rows_per_example: int, max_rows: int) -> int:
+  """The fewest equal batch chunks (a divisor of `batch`) of at most `max_rows` output rows each."""
+  return next((c for c in range(1, batch + 1) if batch % c == 0 and batch // c * rows_per_example <= max_rows),
+              batch)
+
+
+def _over_chunks(fn: Callable[..., jax.Array], chunks: int, *batched: jax.Array) -> list[jax.Array]:
+  size = batched[0].shape[0] // chunks
+  return [fn(*(lax.slice_in_dim(a, i * size, (i + 1) * size) for a in batched)) for i in range(chunks)]
+
+
+def _im2col_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  """The convolution as one matmul of the stacked input windows of all taps (im2col) with the kernel."""
+  kh, kw, c_in, c_out = kernel_HWIO.shape
+  out_hw = (output_size(x_NHWC.shape[1], kh, stride=stride, dilation=dilation, padding=padding),
+            output_size(x_NHWC.shape[2], kw, stride=stride, dilation=dilation, padding=padding))
+  padded = _pad_hw(x_NHWC, padding, padding, padding)
+  windows = [_tap(padded, i * dilation, j * dilation, stride, out_hw) for i in range(kh) for j in range(kw)]
+  return lax.dot_general(jnp.concatenate(windows, axis=-1), kernel_HWIO.reshape(kh * kw * c_in, c_out),
+                         (((3,), (0,)), ((), ())))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+def _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  k = kernel_HWIO.shape[0]
+  rows = (output_size(x_NHWC.shape[1], k, stride=stride, dilation=dilation, padding=padding)
+          * output_size(x_NHWC.shape[2], k, stride=stride, dilation=dilation, padding=padding))
+  chunks = _num_chunks(x_NHWC.shape[0], rows, _FORWARD_ROWS)
+  conv = lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding)
+  return jnp.concatenate(_over_chunks(conv, chunks, x_NHWC)) if chunks > 1 else conv(x_NHWC)
 
 
-def _padded_input_grad_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
+def _chunked_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  return _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
 
 
-def _padded_input_grad_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
-  """A convolution padded less than "same" has an input gradient that is a convolution padded MORE than
+def _chunked_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
+  """Both gradients over batch chunks. The kernel's is XLA's, summed over chunks. The input's is XLA's too,
+  except for a convolution padded less than "same": its input gradient is a convolution padded MORE than
   "same", which XLA's CPU backend runs ~20x slower (the toy macro space's last 7x7 conv, padding 2: 12 s of a
-  step). So the output gradient is padded (and stride-dilated) explicitly, behind an optimization barrier
-  that keeps XLA from folding the padding back into the convolution, and correlated "valid" with the
-  flipped kernel. The kernel's gradient is JAX's own."""
+  step; as an explicitly padded "valid" convolution still 450 ms). There it is the transpose of the im2col
+  matmul (75 ms)."""
   x_NHWC, kernel_HWIO = residuals
-  k = kernel_HWIO.shape[0]  # square kernels, as every layer here builds them
-  _, h, w, _ = x_NHWC.shape
+  n, h, w, _ = x_NHWC.shape
   ho, wo = g_NHWC.shape[1:3]
-  g_padded = _pad_hw(g_NHWC, (k - 1) * dilation - padding, h + padding - (ho - 1) * stride - 1,
-                     w + padding - (wo - 1) * stride - 1, interior=stride - 1)
-  flipped_HWOI = jnp.swapaxes(kernel_HWIO[::-1, ::-1], 2, 3)
-  dx = _lax_conv(lax.optimization_barrier(g_padded), flipped_HWOI, 1, dilation, 0)
-  _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x_NHWC, k, stride, dilation, padding), kernel_HWIO)
-  return dx, kernel_vjp(g_NHWC)[0]
+  if padding < dilation * (kernel_HWIO.shape[0] - 1) // 2:
+    dx = jax.vjp(lambda x: _im2col_conv(x, kernel_HWIO, stride, dilation, padding), x_NHWC)[1](g_NHWC)[0]
+  else:
+    def input_grad(x, g):
+      return jax.vjp(lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding), x)[1](g)[0]
+
+    dx = jnp.concatenate(_over_chunks(input_grad, _num_chunks(n, h * w, _FORWARD_ROWS), x_NHWC, g_NHWC))
+
+  def kernel_grad(x, g):
+    return jax.vjp(lambda kernel: _lax_conv(x, kernel, stride, dilation, padding), kernel_HWIO)[1](g)[0]
+
+  chunks = _num_chunks(n, ho * wo, _KERNEL_GRAD_ROWS)
+  return dx, functools.reduce(jnp.add, _over_chunks(kernel_grad, chunks, x_NHWC, g_NHWC))
 
 
-_padded_input_grad_conv.defvjp(_padded_input_grad_conv_fwd, _padded_input_grad_conv_bwd)
+_chunked_conv.defvjp(_chunked_conv_fwd, _chunked_conv_bwd)
 
 
 class EntangledConv(nnx.Module):
@@ -240,7 +307,7 @@ class EntangledConv(nnx.Module):
     kwargs = dict(stride=self.stride, dilation=self.dilation, padding=self.padding(size))
     if self.depthwise:
       return depthwise_conv(x, kernel, impl=self.impl, **kwargs)
-    return conv2d(x, kernel, **kwargs)
+    return conv2d(x, kernel, impl=self.impl, **kwargs)
 
   def __call__(self, x: jax.Array, *, kernel: jax.Array | None = None, out: jax.Array | None = None,
                in_: jax.Array | None = None) -> jax.Array:

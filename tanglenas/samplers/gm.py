@@ -287,6 +287,11 @@ def active_leaves(state: Any) -> list[int]:
   return [int(i) for i in np.flatnonzero(np.asarray(jax.device_get(state.sampler.active)))]
 
 
+def leaf_probs(probs: Mapping[str, Any], leaf: int) -> dict[str, np.ndarray]:
+  """One leaf's architecture probabilities out of the per-leaf stacked ones (leading leaf-slot axis)."""
+  return {name: np.asarray(p)[leaf] for name, p in probs.items()}
+
+
 # --- gradient-matching scores -------------------------------------------------------------------------------
 def include_masks(space: Space, supernet: nnx.Module, weights: nnx.State) -> dict[str, list[np.ndarray]]:
   """Per decision, one 0/1 array per leaf of `weights` (flattening order): 1 where the weight is shared,

@@ -18,13 +18,12 @@ Presets: "paper" (vocab 65 as Tiny Shakespeare, block 256, dropout 0.2) and "tin
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tanglenas.metrics import bits_per_char
 from tanglenas.nn import masks as masks_lib
 from tanglenas.nn.arch import Decision, check_mode, init_arch
 from tanglenas.nn.linear import EntangledEmbed, EntangledLinear, prefixed
@@ -134,7 +133,3 @@ def language_model_metrics(logits_BTV: jax.Array, targets_BT: jax.Array) -> dict
   loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT))
   return {"loss": loss, "bits_per_char": bits_per_char(loss)}
 
-
-def bits_per_char(loss_nats):
-  """A character model's mean cross-entropy in bits per character: nats / ln 2."""
-  return loss_nats / math.log(2.0)
