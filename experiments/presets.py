@@ -19,7 +19,7 @@ TOY_EPOCHS = {"darts": 50, "darts2": 50, "drnas": 100, "gdas": 250, "spos": 250}
 # smoke-test on synthetic data drawn in the space's input shape (synthetic_text: a learnable token stream).
 SMOKE: dict[str, dict[str, Any]] = {
   # XLA's own depthwise conv: at smoke size compiling dominates, and it compiles ~2x faster than the shifted
-  # slices (darts2's unrolled step: seconds instead of minutes); full runs keep the CPU-fast shifted form.
+  # slices; full runs keep the CPU-fast shifted form.
   "toy_cell": dict(space_options={"channels": 4, "impl": "lax"}, train_limit=2048),
   "toy_macro": dict(dataset="synthetic"),
   "nb201": dict(space_options={"channels": 4, "cells": 1}, dataset="synthetic"),

@@ -186,6 +186,7 @@ def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation, max
   if max_rows:
     monkeypatch.setattr(conv, "_FORWARD_ROWS", max_rows)
     monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", max_rows)
+    monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
   x, w = random_x((4, 11, 11, 3)), random_x((kernel, kernel, 3, 4), seed=1)
   dimensions = ("NHWC", "HWIO", "NHWC")
   reference = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
@@ -203,6 +204,7 @@ def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation, max
 def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
   """Exact second-order DARTS differentiates through the backward: mixed second derivatives agree too."""
   monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", 60)
+  monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
   x, w, v = random_x((4, 9, 9, 2)), random_x((5, 5, 2, 3), seed=1), random_x((5, 5, 2, 3), seed=2)
 
   def mixed(impl):
@@ -212,11 +214,13 @@ def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
   np.testing.assert_allclose(mixed("shifted"), mixed("lax"), rtol=1e-4, atol=1e-5)
 
 
-def test_dense_chunks_divide_the_batch():
-  assert conv._num_chunks(64, 32 * 32, 2048) == 32
-  assert conv._num_chunks(64, 8 * 8, 4096) == 1
-  assert conv._num_chunks(6, 100, 250) == 3  # 2 examples (200 rows) per chunk; 4 would not divide 6
-  assert conv._num_chunks(5, 100, 250) == 5  # no divisor of 5 fits 250 rows but 1 example per chunk
+def test_dense_chunks_divide_the_batch_of_large_convolutions():
+  macro_conv2, small = jnp.zeros((7, 7, 32, 64)), jnp.zeros((3, 3, 16, 16))
+  assert conv._num_chunks(macro_conv2, 64, 32 * 32, 2048) == 32
+  assert conv._num_chunks(macro_conv2, 64, 8 * 8, 4096) == 1
+  assert conv._num_chunks(macro_conv2, 6, 1000, 2500) == 3  # 2 examples per chunk; 4 would not divide 6
+  assert conv._num_chunks(macro_conv2, 5, 1000, 2500) == 5  # no divisor of 5 but 1 example per chunk fits
+  assert conv._num_chunks(small, 64, 32 * 32, 2048) == 1  # 0.15 G multiply-adds: not worth chunking
 
 
 @pytest.mark.parametrize("impl", FORMULATIONS)

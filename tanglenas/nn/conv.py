@@ -188,12 +188,17 @@ def _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
 
 # Output rows (batch x height x width) per chunk. XLA's CPU convolution slows down several-fold once one call
 # covers more rows than fit its working set: on the toy macro space's 32x32, 32->64, 7x7 conv (batch 64) the
-# kernel gradient takes 337 ms in one call and 106 ms over 32 chunks, the forward 109 ms and 62 ms.
-_FORWARD_ROWS, _KERNEL_GRAD_ROWS = 4096, 2048
+# kernel gradient takes 337 ms in one call and 106 ms over 32 chunks, the forward 109 ms and 62 ms. Calls of
+# fewer multiply-adds gain little (16->16 channels, 3x3, 32x32: 15.5 -> 13.8 ms) and each chunk adds compile
+# time (~0.03 s), so they run whole.
+_FORWARD_ROWS, _KERNEL_GRAD_ROWS, _MIN_CHUNKED_MACS = 4096, 2048, 2.5e8
 
 
-def _num_chunks(batch: int, rows_per_example: int, max_rows: int) -> int:
-  """The fewest equal batch chunks (a divisor of `batch`) of at most `max_rows` output rows each."""
+def _num_chunks(kernel_HWIO: jax.Array, batch: int, rows_per_example: int, max_rows: int) -> int:
+  """The fewest equal batch chunks (a divisor of `batch`) of at most `max_rows` output rows each; 1 for a
+  small convolution."""
+  if batch * rows_per_example * kernel_HWIO.size < _MIN_CHUNKED_MACS:
+    return 1
   return next((c for c in range(1, batch + 1) if batch % c == 0 and batch // c * rows_per_example <= max_rows),
               batch)
 
@@ -219,7 +224,7 @@ def _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
   k = kernel_HWIO.shape[0]
   rows = (output_size(x_NHWC.shape[1], k, stride=stride, dilation=dilation, padding=padding)
           * output_size(x_NHWC.shape[2], k, stride=stride, dilation=dilation, padding=padding))
-  chunks = _num_chunks(x_NHWC.shape[0], rows, _FORWARD_ROWS)
+  chunks = _num_chunks(kernel_HWIO, x_NHWC.shape[0], rows, _FORWARD_ROWS)
   conv = lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding)
   return jnp.concatenate(_over_chunks(conv, chunks, x_NHWC)) if chunks > 1 else conv(x_NHWC)
 
@@ -243,12 +248,13 @@ def _chunked_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
     def input_grad(x, g):
       return jax.vjp(lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding), x)[1](g)[0]
 
-    dx = jnp.concatenate(_over_chunks(input_grad, _num_chunks(n, h * w, _FORWARD_ROWS), x_NHWC, g_NHWC))
+    chunks = _num_chunks(kernel_HWIO, n, h * w, _FORWARD_ROWS)
+    dx = jnp.concatenate(_over_chunks(input_grad, chunks, x_NHWC, g_NHWC))
 
   def kernel_grad(x, g):
     return jax.vjp(lambda kernel: _lax_conv(x, kernel, stride, dilation, padding), kernel_HWIO)[1](g)[0]
 
-  chunks = _num_chunks(n, ho * wo, _KERNEL_GRAD_ROWS)
+  chunks = _num_chunks(kernel_HWIO, n, ho * wo, _KERNEL_GRAD_ROWS)
   return dx, functools.reduce(jnp.add, _over_chunks(kernel_grad, chunks, x_NHWC, g_NHWC))
 
 
