@@ -214,6 +214,23 @@ def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
   np.testing.assert_allclose(mixed("shifted"), mixed("lax"), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding, stride", [(None, 1), (None, 2), (2, 1)])
+def test_dense_entangled_conv_formulations_agree_in_all_gradients(padding, stride, monkeypatch):
+  """An entangled dense conv (kernel sizes 3/5/7 mixed) in the CPU formulation, chunked, and in XLA's: same
+  outputs and gradients for its weights, its input and the architecture's mixture weights."""
+  monkeypatch.setattr(conv, "_FORWARD_ROWS", 60)
+  monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", 60)
+  monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
+  layers = [conv.EntangledConv(3, 4, (3, 5, 7), padding=padding, stride=stride, use_bias=True, impl=impl,
+                               rngs=nnx.Rngs(2)) for impl in FORMULATIONS]
+  x, weights = random_x((4, 9, 9, 3)), jax.nn.softmax(jnp.arange(3, dtype=jnp.float32))
+  r = random_x(jax.eval_shape(jitted(layers[0]), x, kernel=weights).shape, seed=1)
+  (va, ga), (vb, gb) = (loss_and_grads(layer, x, weights, r) for layer in layers)
+  np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_dense_chunks_divide_the_batch_of_large_convolutions():
   macro_conv2, small = jnp.zeros((7, 7, 32, 64)), jnp.zeros((3, 3, 16, 16))
   assert conv._num_chunks(macro_conv2, 64, 32 * 32, 2048) == 32
