@@ -28,6 +28,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
   ranking_path = run_dir / "ranking.json"
   figures = {
     "arch_probabilities": arch_figure(records),
+    "arch_heatmap": arch_heatmap_figure(records),
     "curves": curves_figure(records),
     "distributions": distributions_figure(records),
     "ranking": ranking_figure(json.loads(ranking_path.read_text())) if ranking_path.exists() else None,
@@ -52,6 +53,25 @@ def arch_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
   _stack_panels(axes, decisions)
   figure.supxlabel("step")
   figure.supylabel("probability")
+  return figure
+
+
+def arch_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+  """Per decision, a heatmap of its choices' probabilities (rows) at each logged step (columns): where a search
+  commits, and how early, reads at a glance across many decisions."""
+  decisions = _choice_series(records, ARCH_PREFIX)
+  if not decisions:
+    return None
+  figure, axes = _panels(len(decisions), width=4.5, height=2.2)
+  for ax, (decision, choices) in zip(axes, decisions.items()):
+    names = list(choices)
+    steps = choices[names[0]][0]
+    image = ax.imshow(np.stack([choices[c][1] for c in names]), aspect="auto", vmin=0.0, vmax=1.0,
+                      cmap="viridis", interpolation="nearest", extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
+    ax.set(title=decision, yticks=range(len(names)), yticklabels=names)
+    ax.tick_params(axis="y", labelsize="x-small")
+  figure.colorbar(image, ax=list(axes), label="probability", shrink=0.8)
+  figure.supxlabel("step")
   return figure
 
 

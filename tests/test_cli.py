@@ -164,4 +164,5 @@ def test_search_evaluate_rank_plot_end_to_end(tmp_path, capsys):
   assert ranking["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(ranking["scores"], ranking["accuracies"])
                                                  .statistic, nan_ok=True)
   assert cli.main(["plot", str(run_dir)]) == 0
-  assert {"arch_probabilities.png", "curves.png", "ranking.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
+  figures = {"arch_probabilities.png", "arch_heatmap.png", "curves.png", "ranking.png"}
+  assert figures <= {p.name for p in (run_dir / "plots").iterdir()}

@@ -35,8 +35,8 @@ def _synthetic_run(workdir, *, ranking: bool = True):
 def test_plot_run_writes_every_figure_as_a_png(tmp_path):
   _synthetic_run(tmp_path)
   written = plots.plot_run(tmp_path)
-  assert sorted(p.name for p in written) == ["arch_probabilities.png", "curves.png", "distributions.png",
-                                             "ranking.png"]
+  assert sorted(p.name for p in written) == ["arch_heatmap.png", "arch_probabilities.png", "curves.png",
+                                             "distributions.png", "ranking.png"]
   for path in written:
     assert path.parent == tmp_path / "plots" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5_000  # an image with content, not an empty canvas
@@ -58,6 +58,19 @@ def test_figures_show_the_logged_decisions_curves_and_tau(tmp_path):
   np.testing.assert_allclose(curves.axes[0].lines[0].get_ydata(), [2.0 / (1 + s) for s in range(0, 200, 20)])
   ranking = plots.ranking_figure(json.loads((tmp_path / "ranking.json").read_text()))
   assert ranking.axes[0].get_title() == "Kendall tau 0.432 (30 architectures)"
+
+
+def test_arch_heatmap_holds_each_decisions_probabilities_per_logged_step(tmp_path):
+  _synthetic_run(tmp_path)
+  records = read_metrics(tmp_path)
+  heatmap = plots.arch_heatmap_figure(records)
+  panels = [ax for ax in heatmap.axes if ax.images]
+  assert [ax.get_title() for ax in panels] == [d.name for d in DECISIONS]
+  for ax, decision in zip(panels, DECISIONS):
+    logged = np.array([[r[f"arch/{decision.name}/{c}"] for r in records if f"arch/{decision.name}/{c}" in r]
+                       for c in decision.choices])
+    np.testing.assert_allclose(ax.images[0].get_array(), logged)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in decision.choices]
 
 
 def test_sampler_distributions_show_p_per_decision_and_the_last_data_weight_histogram(tmp_path):
