@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tanglenas.nn.conv import EntangledConv, resolve_impl
+from tanglenas.nn.conv import EntangledConv, compiler_options, resolve_impl
 from timing import time_round_robin
 
 KERNEL_SIZES = (1, 3, 5, 7)
@@ -81,7 +81,8 @@ def main():
   calls, memory = {}, {}
   for name, (model, mixture) in variants.items():
     step, state = training_step(model)
-    jitted = jax.jit(step, donate_argnums=(0, 1)).lower(*state, x, y, mixture).compile()
+    jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options())
+    jitted = jitted.lower(*state, x, y, mixture).compile()
     memory[name] = jitted.memory_analysis().temp_size_in_bytes
 
     def call(jitted=jitted, state=state, mixture=mixture):

@@ -36,7 +36,7 @@ from flax import nnx
 from tanglenas.config import Config
 from tanglenas.data import synthetic_dataset
 from tanglenas.nn.arch import ArchParam
-from tanglenas.nn.conv import resolve_impl
+from tanglenas.nn.conv import compiler_options, resolve_impl
 from tanglenas.search import build_run, init_state, make_arch_step, make_forward, make_step_fn, make_weight_step, \
   weight_optimizer
 from tanglenas.spaces import Space, count_params, get_space
@@ -74,7 +74,8 @@ class CompiledChain:
       return fn(state, *args)
 
     start = time.perf_counter()
-    self.compiled = jax.jit(counted, donate_argnums=0).lower(state, *args).compile()
+    jitted = jax.jit(counted, donate_argnums=0, compiler_options=compiler_options())
+    self.compiled = jitted.lower(state, *args).compile()
     self.compile_s = time.perf_counter() - start
     self.memory_bytes = self.compiled.memory_analysis().temp_size_in_bytes
     self.state, self.args = state, args
@@ -117,7 +118,8 @@ def measure(config: Config, dataset, baseline: CompiledChain, repeats: int) -> d
   state = init_state(run, model)
   forward = make_forward(run.graphdef, run.arch_template)
   loss = jax.jit(lambda state, x, y: forward(state.weights, state.rest,
-                                             run.strategy.mixture(state.logits, state.strategy, key), x, y)[0])
+                                             run.strategy.mixture(state.logits, state.strategy, key), x, y)[0],
+                 compiler_options=compiler_options())
   calls = {**chains, "forward": lambda: loss(state, *train[:2])}
   wall = {name: times[0] for name, times in time_round_robin(calls, repeats).items()}
   row = {"space": config.space, "mode": config.mode, "strategy": config.strategy, "params": count_params(model)}

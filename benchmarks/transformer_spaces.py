@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 from tanglenas.nn.arch import ArchParam
-from tanglenas.nn.conv import resolve_impl
+from tanglenas.nn.conv import compiler_options, resolve_impl
 from tanglenas.spaces import get_space
 
 SIZES = {  # (space options, batch size)
@@ -67,7 +67,7 @@ class Step:
       updates, opt = self.tx.update(grads, opt, weights)
       return optax.apply_updates(weights, updates), opt, rest, value
 
-    self.step = jax.jit(step, donate_argnums=(0, 1, 3))
+    self.step = jax.jit(step, donate_argnums=(0, 1, 3), compiler_options=compiler_options())
     self.compiled = None
 
   def compile(self, x, y) -> None:

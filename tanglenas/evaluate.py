@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ from flax import nnx
 from tanglenas import data as data_lib
 from tanglenas.config import Config
 from tanglenas.nn.arch import ArchParam, one_hot_mixture
+from tanglenas.nn.conv import compiler_options
 from tanglenas.nn.norm import BatchNorm, recalibrate_batch_norm
 from tanglenas.spaces.base import Genotype, Space, count_params
 
@@ -66,8 +68,8 @@ class SupernetScorer:
       if isinstance(module, BatchNorm):  # ... batch statistics on, kept as an exact cumulative average
         module.momentum, module.use_running_average = None, False
     self._recal_graph = nnx.graphdef(recal_model)
-    self._accuracy = jax.jit(self._correct)
-    self._recalibrate = jax.jit(self._recalibrated)
+    self._accuracy = jax.jit(self._correct, compiler_options=compiler_options())
+    self._recalibrate = jax.jit(self._recalibrated, compiler_options=compiler_options())
     self.cache: dict[str, float] = {}
 
   def _correct(self, weights, rest, mixture, x, y):
@@ -284,7 +286,7 @@ def train_network(model: nnx.Module, x: np.ndarray, y: np.ndarray, recipe: Train
   graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(weights)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options())
   def step(weights, rest, opt_state, x, y):
     def loss_fn(weights):
       net = nnx.merge(graphdef, weights, rest, copy=True)
@@ -307,7 +309,8 @@ def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int
   """Accuracy (0..1) of a standalone network in eval mode (of every next-token prediction for language models)."""
   model.eval()
   graphdef, state = nnx.split(model)
-  correct_fn = jax.jit(lambda state, x, y: jnp.sum(jnp.argmax(nnx.merge(graphdef, state)(x), -1) == y))
+  correct_fn = jax.jit(lambda state, x, y: jnp.sum(jnp.argmax(nnx.merge(graphdef, state)(x), -1) == y),
+                       compiler_options=compiler_options())
   correct = sum(int(correct_fn(state, x[i:i + batch_size], y[i:i + batch_size]))
                 for i in range(0, len(x), batch_size))
   return correct / np.size(y)

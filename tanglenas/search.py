@@ -35,6 +35,7 @@ from tanglenas.benchmarks import TabularBenchmark
 from tanglenas.config import Config
 from tanglenas.metrics import accuracy, bits_per_char
 from tanglenas.nn.arch import ArchParam, arch_logits, set_arch_logits
+from tanglenas.nn.conv import compiler_options
 from tanglenas.samplers import Sampler, get_sampler, gm
 from tanglenas.samplers.stats import choice_grad_norms, sample_scores
 from tanglenas.spaces import ChoiceMask, Space, get_space
@@ -237,7 +238,8 @@ class CompiledStep:
     replicated = NamedSharding(run.mesh, PartitionSpec())
     batch = NamedSharding(run.mesh, PartitionSpec(BATCH_AXIS))
     self._jitted = jax.jit(self._traced, in_shardings=(replicated, batch, batch),
-                           out_shardings=(replicated, replicated), donate_argnums=0)
+                           out_shardings=(replicated, replicated), donate_argnums=0,
+                           compiler_options=compiler_options())
 
   def _traced(self, state: SearchState, train: tuple, val: tuple) -> tuple[SearchState, dict]:
     self.traces += 1

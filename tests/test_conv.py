@@ -179,14 +179,9 @@ def test_depthwise_second_order_agrees_across_formulations(kernel, stride, dilat
 @pytest.mark.parametrize("kernel, padding, stride, dilation", [(7, 2, 1, 1), (3, 0, 2, 1), (5, 1, 2, 1),
                                                                (3, 1, 1, 2), (5, 0, 3, 1), (7, 3, 1, 1),
                                                                (3, 1, 2, 1), (5, 4, 1, 2)])
-@pytest.mark.parametrize("max_rows", [None, 60])
-def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation, max_rows, monkeypatch):
-  """The CPU formulation (batch chunks; an im2col input gradient below "same" padding) equals XLA's conv in
-  outputs and both gradients; `max_rows=60` makes every call split the batch of 4 into chunks."""
-  if max_rows:
-    monkeypatch.setattr(conv, "_FORWARD_ROWS", max_rows)
-    monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", max_rows)
-    monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
+def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation):
+  """The CPU formulation (an im2col input gradient below "same" padding, where XLA's CPU backend is slow) equals
+  XLA's conv in outputs and both gradients."""
   x, w = random_x((4, 11, 11, 3)), random_x((kernel, kernel, 3, 4), seed=1)
   dimensions = ("NHWC", "HWIO", "NHWC")
   reference = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
@@ -200,11 +195,9 @@ def test_dense_cpu_formulation_equals_xla(kernel, padding, stride, dilation, max
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("padding", [1, 3])
-def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
+@pytest.mark.parametrize("padding", [1, 2])
+def test_dense_cpu_formulation_second_order_equals_xla(padding):
   """Exact second-order DARTS differentiates through the backward: mixed second derivatives agree too."""
-  monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", 60)
-  monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
   x, w, v = random_x((4, 9, 9, 2)), random_x((5, 5, 2, 3), seed=1), random_x((5, 5, 2, 3), seed=2)
 
   def mixed(impl):
@@ -215,12 +208,9 @@ def test_dense_cpu_formulation_second_order_equals_xla(padding, monkeypatch):
 
 
 @pytest.mark.parametrize("padding, stride", [(None, 1), (None, 2), (2, 1)])
-def test_dense_entangled_conv_formulations_agree_in_all_gradients(padding, stride, monkeypatch):
-  """An entangled dense conv (kernel sizes 3/5/7 mixed) in the CPU formulation, chunked, and in XLA's: same
-  outputs and gradients for its weights, its input and the architecture's mixture weights."""
-  monkeypatch.setattr(conv, "_FORWARD_ROWS", 60)
-  monkeypatch.setattr(conv, "_KERNEL_GRAD_ROWS", 60)
-  monkeypatch.setattr(conv, "_MIN_CHUNKED_MACS", 0)
+def test_dense_entangled_conv_formulations_agree_in_all_gradients(padding, stride):
+  """An entangled dense conv (kernel sizes 3/5/7 mixed) in the CPU formulation and in XLA's: same outputs and
+  gradients for its weights, its input and the architecture's mixture weights."""
   layers = [conv.EntangledConv(3, 4, (3, 5, 7), padding=padding, stride=stride, use_bias=True, impl=impl,
                                rngs=nnx.Rngs(2)) for impl in FORMULATIONS]
   x, weights = random_x((4, 9, 9, 3)), jax.nn.softmax(jnp.arange(3, dtype=jnp.float32))
@@ -231,13 +221,17 @@ def test_dense_entangled_conv_formulations_agree_in_all_gradients(padding, strid
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dense_chunks_divide_the_batch_of_large_convolutions():
-  macro_conv2, small = jnp.zeros((7, 7, 32, 64)), jnp.zeros((3, 3, 16, 16))
-  assert conv._num_chunks(macro_conv2, 64, 32 * 32, 2048) == 32
-  assert conv._num_chunks(macro_conv2, 64, 8 * 8, 4096) == 1
-  assert conv._num_chunks(macro_conv2, 6, 1000, 2500) == 3  # 2 examples per chunk; 4 would not divide 6
-  assert conv._num_chunks(macro_conv2, 5, 1000, 2500) == 5  # no divisor of 5 but 1 example per chunk fits
-  assert conv._num_chunks(small, 64, 32 * 32, 2048) == 1  # 0.15 G multiply-adds: not worth chunking
+def test_cpu_compiler_options_change_speed_not_results():
+  """`compiler_options()` picks XLA's own convolution emitter on CPU: the same outputs and gradients."""
+  options = conv.compiler_options()
+  if jax.default_backend() == "cpu":
+    assert options is not None and "xla_cpu_experimental_ynn_fusion_type" in options
+  x, w, r = random_x((4, 12, 12, 8)), random_x((5, 5, 8, 16), seed=1), random_x((4, 12, 12, 16), seed=2)
+  f = lambda x, w: jax.value_and_grad(lambda x, w: jnp.vdot(conv.conv2d(x, w, padding=2), r), (0, 1))(x, w)
+  (value, grads), (value_opt, grads_opt) = jax.jit(f)(x, w), jax.jit(f, compiler_options=options)(x, w)
+  np.testing.assert_allclose(value_opt, value, rtol=1e-5)
+  for a, b in zip(grads_opt, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", FORMULATIONS)

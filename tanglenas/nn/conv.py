@@ -3,14 +3,14 @@
 Two formulations of the same depthwise convolution sit behind one function, picked per backend
 (../shared/PERFORMANCE.md): on CPU a sum of shifted slices times the per-tap weight is ~50x faster than XLA's
 grouped convolution; where cuDNN or a TPU serve convolutions, `lax.conv_general_dilated` is used.
-Dense convolutions are XLA's on every backend (the fastest JAX form on CPU too, see `conv2d`); on CPU they run
-over batch chunks with written-out gradients, and 1x1 kernels run as a matmul over channels.
+Dense convolutions are XLA's on every backend (the fastest JAX form on CPU too, with `compiler_options()`),
+and 1x1 kernels run as a matmul over channels.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -168,44 +168,23 @@ def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilati
            padding: int = 0, impl: str = "auto") -> jax.Array:
   """Dense 2-D convolution. A 1x1 kernel without padding runs as a matmul over channels (faster on CPU).
 
-  `lax`: XLA's convolution and its own gradients. The CPU formulation (`shifted`, which `auto` picks on
-  CPU) runs the same XLA convolution over batch chunks with written-out gradients (`_chunked_conv`).
+  XLA's convolution, compiled on CPU with `compiler_options()`. A convolution padded less than "same" gets a
+  written-out input gradient in the CPU formulation (`shifted`, which `auto` picks on CPU; see
+  `_padded_input_grad_conv`); `lax` keeps XLA's own.
   """
   if x_NHWC.shape[-1] != kernel_HWIO.shape[2]:
     raise ValueError(f"kernel expects {kernel_HWIO.shape[2]} input channels, input has {x_NHWC.shape[-1]}")
   if kernel_HWIO.shape[:2] == (1, 1) and padding == 0:
     strided = x_NHWC[:, ::stride, ::stride] if stride > 1 else x_NHWC
     return lax.dot_general(strided, kernel_HWIO[0, 0], (((3,), (0,)), ((), ())))
-  if resolve_impl(impl) == "lax":
-    return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
-  return _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  if resolve_impl(impl) == "shifted" and padding < dilation * (kernel_HWIO.shape[0] - 1) // 2:
+    return _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
 
 
 def _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
   return lax.conv_general_dilated(x_NHWC, kernel_HWIO, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSIONS)
-
-
-# Output rows (batch x height x width) per chunk. XLA's CPU convolution slows down several-fold once one call
-# covers more rows than fit its working set: on the toy macro space's 32x32, 32->64, 7x7 conv (batch 64) the
-# kernel gradient takes 337 ms in one call and 106 ms over 32 chunks, the forward 109 ms and 62 ms. Calls of
-# fewer multiply-adds gain little (16->16 channels, 3x3, 32x32: 15.5 -> 13.8 ms) and each chunk adds compile
-# time (~0.03 s), so they run whole.
-_FORWARD_ROWS, _KERNEL_GRAD_ROWS, _MIN_CHUNKED_MACS = 4096, 2048, 2.5e8
-
-
-def _num_chunks(kernel_HWIO: jax.Array, batch: int, rows_per_example: int, max_rows: int) -> int:
-  """The fewest equal batch chunks (a divisor of `batch`) of at most `max_rows` output rows each; 1 for a
-  small convolution."""
-  if batch * rows_per_example * kernel_HWIO.size < _MIN_CHUNKED_MACS:
-    return 1
-  return next((c for c in range(1, batch + 1) if batch % c == 0 and batch // c * rows_per_example <= max_rows),
-              batch)
-
-
-def _over_chunks(fn: Callable[..., jax.Array], chunks: int, *batched: jax.Array) -> list[jax.Array]:
-  size = batched[0].shape[0] // chunks
-  return [fn(*(lax.slice_in_dim(a, i * size, (i + 1) * size) for a in batched)) for i in range(chunks)]
 
 
 def _im2col_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
@@ -220,45 +199,47 @@ def _im2col_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  k = kernel_HWIO.shape[0]
-  rows = (output_size(x_NHWC.shape[1], k, stride=stride, dilation=dilation, padding=padding)
-          * output_size(x_NHWC.shape[2], k, stride=stride, dilation=dilation, padding=padding))
-  chunks = _num_chunks(kernel_HWIO, x_NHWC.shape[0], rows, _FORWARD_ROWS)
-  conv = lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding)
-  return jnp.concatenate(_over_chunks(conv, chunks, x_NHWC)) if chunks > 1 else conv(x_NHWC)
+def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
 
 
-def _chunked_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  return _chunked_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
+def _padded_input_grad_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
+  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
 
 
-def _chunked_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
-  """Both gradients over batch chunks. The kernel's is XLA's, summed over chunks. The input's is XLA's too,
-  except for a convolution padded less than "same": its input gradient is a convolution padded MORE than
-  "same", which XLA's CPU backend runs ~20x slower (the toy macro space's last 7x7 conv, padding 2: 12 s of a
-  step; as an explicitly padded "valid" convolution still 450 ms). There it is the transpose of the im2col
-  matmul (75 ms)."""
+def _padded_input_grad_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
+  """A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
+  which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s of a step;
+  as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col matmul
+  (75 ms). The kernel gradient is XLA's."""
   x_NHWC, kernel_HWIO = residuals
-  n, h, w, _ = x_NHWC.shape
-  ho, wo = g_NHWC.shape[1:3]
-  if padding < dilation * (kernel_HWIO.shape[0] - 1) // 2:
-    dx = jax.vjp(lambda x: _im2col_conv(x, kernel_HWIO, stride, dilation, padding), x_NHWC)[1](g_NHWC)[0]
-  else:
-    def input_grad(x, g):
-      return jax.vjp(lambda x: _lax_conv(x, kernel_HWIO, stride, dilation, padding), x)[1](g)[0]
-
-    chunks = _num_chunks(kernel_HWIO, n, h * w, _FORWARD_ROWS)
-    dx = jnp.concatenate(_over_chunks(input_grad, chunks, x_NHWC, g_NHWC))
-
-  def kernel_grad(x, g):
-    return jax.vjp(lambda kernel: _lax_conv(x, kernel, stride, dilation, padding), kernel_HWIO)[1](g)[0]
-
-  chunks = _num_chunks(kernel_HWIO, n, ho * wo, _KERNEL_GRAD_ROWS)
-  return dx, functools.reduce(jnp.add, _over_chunks(kernel_grad, chunks, x_NHWC, g_NHWC))
+  dx = jax.vjp(lambda x: _im2col_conv(x, kernel_HWIO, stride, dilation, padding), x_NHWC)[1](g_NHWC)[0]
+  kernel_grad = jax.vjp(lambda kernel: _lax_conv(x_NHWC, kernel, stride, dilation, padding), kernel_HWIO)[1]
+  return dx, kernel_grad(g_NHWC)[0]
 
 
-_chunked_conv.defvjp(_chunked_conv_fwd, _chunked_conv_bwd)
+_padded_input_grad_conv.defvjp(_padded_input_grad_conv_fwd, _padded_input_grad_conv_bwd)
+
+
+# XLA's CPU backend hands dense convolutions to YNNPACK by default. XLA's own convolution emitter runs them
+# ~3x faster on this CPU (the toy macro space's 32x32, 32->64, 7x7 layer, forward and backward: 383 -> 116 ms;
+# PyTorch's oneDNN: 141 ms). The option keeps YNNPACK for dots and reductions, where it is the faster one
+# (without it the toy cell's search step takes 541 ms instead of 325).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+  """XLA options for jitting the steps that run these layers (`jax.jit(..., compiler_options=...)`): on CPU,
+  XLA's own convolutions; None on other backends, or where this XLA version lacks the option."""
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(jnp.zeros(())).compile()
+  except jax.errors.JaxRuntimeError:  # another XLA: its defaults
+    return None
+  return _CPU_COMPILER_OPTIONS
 
 
 class EntangledConv(nnx.Module):

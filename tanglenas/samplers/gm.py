@@ -45,6 +45,7 @@ from flax import nnx
 
 from tanglenas.config import Config
 from tanglenas.nn.arch import Decision
+from tanglenas.nn.conv import compiler_options
 from tanglenas.samplers.base import Sampler
 from tanglenas.spaces.base import Genotype, Space
 from tanglenas.strategies.base import Strategy, decision_keys
@@ -348,7 +349,7 @@ def make_gram(forward: Callable) -> Callable:
     g_KP = jax.lax.map(shared_gradient, mixtures_K)
     return g_KP @ g_KP.T
 
-  return jax.jit(gram)
+  return jax.jit(gram, compiler_options=compiler_options())
 
 
 def distances(gram: Callable, include: Mapping[str, list], weights: Any, rest: Any,
