@@ -209,9 +209,9 @@ def _padded_input_grad_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
 
 def _padded_input_grad_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
   """A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
-  which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s of a step;
-  as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col matmul
-  (75 ms). The kernel gradient is XLA's."""
+  which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward
+  and backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the
+  im2col matmul (75 ms). The kernel gradient is XLA's."""
   x_NHWC, kernel_HWIO = residuals
   dx = jax.vjp(lambda x: _im2col_conv(x, kernel_HWIO, stride, dilation, padding), x_NHWC)[1](g_NHWC)[0]
   kernel_grad = jax.vjp(lambda kernel: _lax_conv(x_NHWC, kernel, stride, dilation, padding), kernel_HWIO)[1]
