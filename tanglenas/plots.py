@@ -66,8 +66,9 @@ def arch_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
   for ax, (decision, choices) in zip(axes, decisions.items()):
     names = list(choices)
     steps = choices[names[0]][0]
-    image = ax.imshow(np.stack([choices[c][1] for c in names]), aspect="auto", vmin=0.0, vmax=1.0,
-                      cmap="viridis", interpolation="nearest", extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
+    half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5  # columns centred on steps
+    image = ax.imshow(np.stack([choices[c][1] for c in names]), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
+                      interpolation="nearest", extent=(steps[0] - half, steps[-1] + half, len(names) - 0.5, -0.5))
     ax.set(title=decision, yticks=range(len(names)), yticklabels=names)
     ax.tick_params(axis="y", labelsize="x-small")
   figure.colorbar(image, ax=list(axes), label="probability", shrink=0.8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -71,6 +72,17 @@ def test_arch_heatmap_holds_each_decisions_probabilities_per_logged_step(tmp_pat
                        for c in decision.choices])
     np.testing.assert_allclose(ax.images[0].get_array(), logged)
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in decision.choices]
+
+
+def test_arch_heatmap_of_a_single_logged_step_is_one_column_centred_on_it(tmp_path):
+  with RunLogger(tmp_path, Config(wandb_mode="disabled")) as logger:
+    logger.log_arch(40, {d.name: np.full(d.size, 1.0 / d.size) for d in DECISIONS}, DECISIONS)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a zero-width image would warn (singular x limits) and draw nothing
+    heatmap = plots.arch_heatmap_figure(read_metrics(tmp_path))
+    heatmap.canvas.draw()
+  left, right, _, _ = heatmap.axes[0].images[0].get_extent()
+  assert (left + right) / 2 == 40 and right > left
 
 
 def test_sampler_distributions_show_p_per_decision_and_the_last_data_weight_histogram(tmp_path):
