@@ -3,7 +3,8 @@ on CIFAR-10 at 32x32 or on downsampled ImageNet (Chrabaszcz et al., 2017; image-
 ImageNet"), the CPU-sized stand-in for the 224x224 ImageNet TangleNAS searches it on: all 1000 classes at
 32x32, or NAS-Bench-201's ImageNet16-120 (16x16, the first 120 classes).
 
-  tanglenas search --config experiments/mobilenetv3_darts.py --data-dir PATH/TO/cifar-10-batches-py [--smoke]
+  tanglenas search --config experiments/mobilenetv3_darts.py --data-dir PATH/TO/cifar-10-batches-py
+  tanglenas search --config experiments/mobilenetv3_darts.py --smoke  # synthetic data in CIFAR-10's shape
   tanglenas search --config experiments/mobilenetv3_darts.py --dataset imagenet --num-classes 1000 \
     --data-dir PATH/TO/Imagenet32  # train_data_batch_1..10, val_data
   tanglenas search --config experiments/mobilenetv3_darts.py --dataset imagenet16_120 --image-size 16 \

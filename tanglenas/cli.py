@@ -2,7 +2,7 @@
 
   tanglenas search --config experiments/toy_cell_darts_we.py --smoke  # a one-minute search on a CPU
   tanglenas search --config experiments/toy_cell_darts_ws.py --seed 1 --epochs 10
-  tanglenas evaluate runs/toy_cell_darts_we-seed0                     # retrain the derived architecture
+  tanglenas evaluate runs/toy_cell_darts_we-seed0 --epochs 20         # retrain the derived architecture
   tanglenas rank runs/toy_cell_darts_we-seed0 --benchmark toy.pkl      # supernet ranking vs the table
   tanglenas plot runs/toy_cell_darts_we-seed0                         # PNGs into the run directory
 
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import io
@@ -22,7 +23,7 @@ from typing import Annotated
 import tyro
 
 from tanglenas import commands
-from tanglenas.config import Config, load_experiment
+from tanglenas.config import Config, Scalar, load_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +31,11 @@ class SearchCommand:
   """Search an architecture with an experiment's configuration; any option below overrides it."""
 
   config: str  # experiment file defining get_config(smoke: bool = False) -> Config
-  smoke: bool = False  # the experiment's smoke preset (tiny; under a minute on a CPU); replaces an earlier smoke run
+  smoke: bool = False  # the experiment's tiny preset (a minute on a CPU); replaces a smoke run in its default workdir
   workdir: str = ""  # run directory; empty: runs/<experiment>[-smoke]-seed<seed>
   resume: bool = False  # continue the run in the run directory from its last checkpoint
   overwrite: bool = False  # start over, replacing the run in the run directory
+  space_option: tuple[str, ...] = ()  # space options as KEY=VALUE, also those the experiment file does not set
   run: Annotated[Config, tyro.conf.OmitArgPrefixes] = Config()
 
 
@@ -44,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   search = subparsers.add_parser("search", add_help=False, help="search an architecture (--config FILE --help)")
   search.add_argument("--config", default="")
   search.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=False)
-  evaluate = _run_dir_command(subparsers, "evaluate", "extract a run's derived architecture from its supernet "
-                              "and retrain it from scratch; accuracies go to its summary.json")
-  evaluate.add_argument("--epochs", type=int, help="retraining epochs (default: the run's eval_epochs)")
+  evaluate = _run_dir_command(subparsers, "evaluate", "test a run's derived architecture extracted from its "
+                              "supernet and, with --epochs, retrained from scratch; accuracies go to summary.json")
+  evaluate.add_argument("--epochs", type=int, help="retraining epochs (default: the run's eval_epochs, 0 in the "
+                        "shipped experiments: no retraining)")
   evaluate.add_argument("--benchmark", default="", help="also look the architecture up in this tabular benchmark")
   rank = _run_dir_command(subparsers, "rank", "rank architectures by a run's supernet against a tabular "
                           "benchmark (Kendall tau; ranking.json)")
@@ -59,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:  # start-up: every mistake in the input ends here, in one line
     if args.command == "search":
       command = _parse_search(args.config, args.smoke, rest)
+      replaces_smoke_run = command.smoke and not command.workdir and not command.resume
       run = commands.prepare_search(command.run, command.config, workdir=command.workdir, smoke=command.smoke,
-                                    resume=command.resume, overwrite=command.overwrite or (command.smoke and not command.resume))
+                                    resume=command.resume, overwrite=command.overwrite or replaces_smoke_run)
     elif args.command == "evaluate":
       run = commands.prepare_evaluate(args.run_dir, epochs=args.epochs, benchmark=args.benchmark)
     elif args.command == "rank":
@@ -89,11 +93,24 @@ def _parse_search(config_file: str, smoke: bool, args: Sequence[str]) -> SearchC
   captured = io.StringIO()
   try:
     with contextlib.redirect_stderr(captured):
-      return tyro.cli(SearchCommand, default=default, args=list(args), prog="tanglenas search")
+      command = tyro.cli(SearchCommand, default=default, args=list(args), prog="tanglenas search")
   except SystemExit as exit:
     if exit.code:  # tyro drew a box around its message: keep the message
       raise ValueError(_boxed_message(captured.getvalue())) from None
     raise
+  options = {**command.run.space_options, **dict(map(_space_option, command.space_option))}
+  return dataclasses.replace(command, run=command.run.replace(space_options=options))
+
+
+def _space_option(item: str) -> tuple[str, Scalar]:
+  """`KEY=VALUE` with VALUE read as a Python literal (8, 0.1, True), else kept as text."""
+  key, equals, text = item.partition("=")
+  if not equals or not key:
+    raise ValueError(f"--space-option takes KEY=VALUE, e.g. channels=16; got {item!r}")
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text
 
 
 def _boxed_message(text: str) -> str:

@@ -30,25 +30,38 @@ def default_workdir(experiment_file: str | Path, seed: int, *, smoke: bool) -> P
 
 def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", smoke: bool = False,
                    resume: bool = False, overwrite: bool = False) -> Callable[[], None]:
-  """Validate a search and the run directory; the returned function searches and prints the result.
+  """Validate a search, its data and the run directory; the returned function searches and prints the result.
 
-  A run directory that already holds a run is continued with `resume` (from its last checkpoint; a
-  directory without a checkpoint starts fresh) or replaced with `overwrite`; otherwise this fails.
+  A run directory that already holds a run is continued with `resume` (from its last checkpoint; a run
+  stopped before its first checkpoint starts over) under the configuration it was started with, up to the
+  settings in `RESUMABLE_CHANGES`; or it is replaced with `overwrite`, once every check has passed.
+  Otherwise this fails, as does `resume` where there is no run.
   """
+  from tanglenas.search import check_dataset, load_dataset
+
   path = Path(workdir) if workdir else default_workdir(experiment_file, config.seed, smoke=smoke)
   validate(config, path)
   if resume and overwrite:
     raise ValueError("--resume continues the run in the run directory, --overwrite replaces it: choose one")
-  if (path / "config.json").exists() and not resume:
-    if not overwrite:
-      raise ValueError(f"{path} already holds a run: pass --resume to continue it, --overwrite to start over, "
-                       "or another --workdir")
+  holds_run = (path / "config.json").exists()
+  if resume and not holds_run:
+    raise FileNotFoundError(f"nothing to resume in {path} (no config.json): drop --resume to start a new run, "
+                            "or pass the --workdir of an earlier run")
+  if resume:
+    _check_resumable(load_run_config(path), config, path)
+  elif holds_run and not overwrite:
+    raise ValueError(f"{path} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                     "or another --workdir")
+  space = _space(config)
+  dataset = load_dataset(config, space)
+  check_dataset(config, space, dataset)
+  if holds_run and not resume:
     _clear_run(path)
 
   def run() -> None:
     from tanglenas.search import search
 
-    result = search(config, path, resume=resume)
+    result = search(config, path, resume=resume, space=space, dataset=dataset)
     evaluation = _evaluate(config, result.genotype, supernet=result.supernet)
     update_summary(path, {"evaluation": evaluation})
     print(f"run directory: {path}")
@@ -191,6 +204,21 @@ def _latest_checkpoint(run_dir: str) -> None:
   steps = sorted(p for p in Path(run_dir, "checkpoints").glob("[0-9]*") if p.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
+
+
+# Settings a resumed run may change: they decide what is logged, saved and evaluated, not the search itself.
+RESUMABLE_CHANGES = ("quiet", "wandb_mode", "wandb_project", "log_every", "checkpoint_every", "eval_epochs",
+                     "benchmark")
+
+
+def _check_resumable(saved: Config, config: Config, path: Path) -> None:
+  """A resumed run continues exactly as if never stopped only under the configuration it started with."""
+  before, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (saved, config))  # tuples as saved
+  changed = [name for name in now if name not in RESUMABLE_CHANGES and before.get(name) != now[name]]
+  if changed:
+    detail = ", ".join(f"{name} {before.get(name)!r} -> {now[name]!r}" for name in changed)
+    raise ValueError(f"--resume continues {path} with the configuration it was started with, but {detail}: "
+                     "drop those options, or start a new run (--overwrite or another --workdir)")
 
 
 def _clear_run(path: Path) -> None:

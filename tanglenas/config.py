@@ -235,6 +235,9 @@ def _check_dataset(name: str, data_dir: str) -> None:
                               "of a UTF-8 text file, e.g. tiny Shakespeare's input.txt")
     return
   _check_name("dataset", name, data.DATASETS.names())
+  if name.startswith("synthetic") and data_dir:
+    raise ValueError(f"dataset {name} is generated and reads no files, but --data-dir {data_dir} was given: "
+                     "drop --data-dir, or pass --dataset with the dataset it holds (e.g. cifar10)")
   if name == "fashion_mnist":
     root = Path(data_dir) if data_dir else data.FASHION_MNIST_DIR
     missing = [f for f in data.FASHION_MNIST_FILES.values() if not (root / f).is_file()]

@@ -110,7 +110,7 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
     if not path.is_file():
       raise FileNotFoundError(
         f"Fashion-MNIST file {path} not found: run `apt-get install -y dataset-fashion-mnist` or pass "
-        f"data_dir= the folder holding {', '.join(FASHION_MNIST_FILES.values())}")
+        f"data_dir= (--data-dir) the folder holding {', '.join(FASHION_MNIST_FILES.values())}")
   arrays = {split: read_idx(path) for split, path in paths.items()}
   for split in ("train", "test"):
     images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
@@ -142,7 +142,7 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
   if missing:
     raise FileNotFoundError(
       f"CIFAR-10 batches {', '.join(missing)} not found in {root}: unpack cifar-10-python.tar.gz (the python "
-      "version) and pass data_dir= the folder holding data_batch_1..5 and test_batch")
+      "version) and pass data_dir= (--data-dir) the folder holding data_batch_1..5 and test_batch")
   train = [_read_cifar_batch(root / file) for file in CIFAR10_TRAIN_FILES]
   test_x, test_y = _read_cifar_batch(root / CIFAR10_TEST_FILE)
   return Dataset(
@@ -191,8 +191,8 @@ def _synthetic_anywhere(data_dir: str | Path | None, **options: Any) -> Dataset:
 @DATASETS.register("cifar10")
 def _cifar10_from_dir(data_dir: str | Path | None) -> Dataset:
   if data_dir is None:
-    raise ValueError("cifar10 has no default location: pass data_dir= the folder holding data_batch_1..5 and "
-                     "test_batch (or the unpacked cifar-10-batches-py/)")
+    raise ValueError("cifar10 has no default location: pass data_dir= (--data-dir) the folder holding "
+                     "data_batch_1..5 and test_batch (or the unpacked cifar-10-batches-py/)")
   return load_cifar10(data_dir)
 
 
@@ -257,7 +257,7 @@ def load_downsampled_imagenet(data_dir: str | Path, *, num_classes: int = 1000, 
     raise FileNotFoundError(
       f"downsampled ImageNet files {', '.join(missing)} not found in {root} or its subfolders: download "
       "Imagenet16, 32 or 64 (train and val) from image-net.org (\"Downsampled ImageNet\") and pass data_dir= "
-      "the folder holding train_data_batch_1..10 and val_data (or the unpacked download folders)")
+      "(--data-dir) the folder holding train_data_batch_1..10 and val_data (or the unpacked download folders)")
   train_x, train_y = _read_imagenet_split(train_paths, num_classes, image_size, max_examples)
   test_x, test_y = _read_imagenet_split([val_path], num_classes, train_x.shape[1], max_examples)
   return Dataset(
@@ -299,7 +299,7 @@ def find_imagenet_file(root: Path, file: str) -> Path | None:
   found = [path for path in (root / file, *sorted(root.glob(f"*/{file}"))) if path.is_file()]
   if len(found) > 1:
     raise ValueError(f"{file} is in {len(found)} places under {root} ({', '.join(map(str, found))}): pass "
-                     "data_dir= the folder of one image size")
+                     "data_dir= (--data-dir) the folder of one image size")
   return found[0] if found else None
 
 
@@ -323,8 +323,8 @@ def _imagenet16_120_from_dir(data_dir: str | Path | None, *, image_size: int | N
 
 def _imagenet_dir(data_dir: str | Path | None, name: str) -> str | Path:
   if data_dir is None:
-    raise ValueError(f"{name} has no default location: pass data_dir= the folder holding downsampled ImageNet's "
-                     "train_data_batch_1..10 and val_data (\"Downsampled ImageNet\", image-net.org)")
+    raise ValueError(f"{name} has no default location: pass data_dir= (--data-dir) the folder holding downsampled "
+                     "ImageNet's train_data_batch_1..10 and val_data (\"Downsampled ImageNet\", image-net.org)")
   return data_dir
 
 
@@ -347,8 +347,9 @@ def load_for_space(name: str, data_dir: str | Path | None, space: Any, *, limit:
     "imagenet16_120": dict(image_size=space.input_shape[0], max_examples=limit),
   }.get(name, {})
   if name in IMAGENET_CLASSES and space.num_classes != IMAGENET_CLASSES[name]:
-    raise ValueError(f"dataset {name} has {IMAGENET_CLASSES[name]} classes but space {space.name} has num_classes "
-                     f"{space.num_classes}: set the space's num_classes option to {IMAGENET_CLASSES[name]}")
+    n = IMAGENET_CLASSES[name]
+    raise ValueError(f"dataset {name} has {n} classes but space {space.name} has num_classes {space.num_classes}: "
+                     f"set the space option num_classes={n} (--space-option num_classes={n})")
   return load_dataset(name, data_dir, limit=limit, **options)
 
 

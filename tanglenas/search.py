@@ -265,14 +265,15 @@ def _vocab_size_fix(config: Config, vocab_size: int) -> str:
   return f"'vocab_size': {vocab_size} in the experiment's space_options"
 
 
-def build_run(config: Config, space: Space | None = None,
-              dataset: data_lib.Dataset | None = None) -> tuple[Run, nnx.Module]:
-  """The static parts of a search (space, data iterators, strategy, sampler, optimizers, device mesh) and
-  the freshly initialized supernet (in training mode)."""
-  space = space or get_space(config.space, **config.space_options)
-  if dataset is None:
-    dataset = data_lib.load_for_space(config.dataset or space.dataset, config.data_dir or None, space,
-                                      limit=config.train_limit or None)
+def load_dataset(config: Config, space: Space) -> data_lib.Dataset:
+  """The run's dataset: `config.dataset`, else the space's own."""
+  return data_lib.load_for_space(config.dataset or space.dataset, config.data_dir or None, space,
+                                 limit=config.train_limit or None)
+
+
+def check_dataset(config: Config, space: Space, dataset: data_lib.Dataset) -> None:
+  """Raise ValueError, in one line saying how to fix it, where the data cannot feed the search: inputs of
+  another shape, characters past the vocabulary, or a split without one full batch."""
   if tuple(dataset.train_x.shape[1:]) != tuple(space.input_shape):
     raise ValueError(f"dataset {dataset.name} has inputs of shape {dataset.train_x.shape[1:]} but space "
                      f"{space.name} expects {space.input_shape}: pick a matching dataset or space input_shape")
@@ -280,10 +281,26 @@ def build_run(config: Config, space: Space | None = None,
     n = dataset.num_classes  # tokens past the vocabulary would have no logit
     raise ValueError(f"text file {config.data_dir or dataset.name} has {n} characters but space {space.name} has "
                      f"vocab_size {space.num_classes}: pass {_vocab_size_fix(config, n)}")
-  devices = jax.local_devices()
-  if config.batch_size % len(devices):
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} local devices "
+  devices = len(jax.local_devices())
+  if config.batch_size % devices:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {devices} local devices "
                      "the batch is split over")
+  splits = data_lib.split_train_val(len(dataset.train_x), config.val_fraction, config.seed)
+  smallest = min(len(indices) for indices in splits)
+  if smallest < config.batch_size:
+    raise ValueError(f"the training and validation halves of {len(dataset.train_x)} examples hold "
+                     f"{' and '.join(str(len(i)) for i in splits)}, less than one batch of {config.batch_size}: "
+                     "lower --batch-size or raise --train-limit")
+
+
+def build_run(config: Config, space: Space | None = None,
+              dataset: data_lib.Dataset | None = None) -> tuple[Run, nnx.Module]:
+  """The static parts of a search (space, data iterators, strategy, sampler, optimizers, device mesh) and
+  the freshly initialized supernet (in training mode)."""
+  space = space or get_space(config.space, **config.space_options)
+  dataset = load_dataset(config, space) if dataset is None else dataset
+  check_dataset(config, space, dataset)
+  devices = jax.local_devices()
   train_idx, val_idx = data_lib.split_train_val(len(dataset.train_x), config.val_fraction, config.seed)
   train_iter = data_lib.BatchIterator(dataset.train_x, dataset.train_y, train_idx, batch_size=config.batch_size,
                                       seed=config.seed)

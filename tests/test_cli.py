@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 from pathlib import Path
 
@@ -71,6 +72,12 @@ BAD_INPUT = [
   (["--benchmark", "/nonexistent.pkl"], "benchmark file /nonexistent.pkl not found"),
   (["--benchmark", "OTHER_SPACE"], "is this the benchmark of another search space?"),
   (["--workdir", "A_FILE/run"], "cannot be written"),
+  (["--dataset", "synthetic", "--data-dir", "/somewhere"], "dataset synthetic is generated and reads no files"),
+  (["--space-option", "channels=-3"], "space option channels of 'toy_cell' must be positive, got -3"),
+  (["--space-option", "dropout"], "--space-option takes KEY=VALUE"),
+  (["--space-option", "input_shape=(32, 32, 3)"], "has inputs of shape (28, 28, 1) but space toy_cell expects"),
+  (["--train-limit", "100"], "halves of 100 examples hold 50 and 50, less than one batch of 64"),
+  (["--resume"], "nothing to resume in"),
 ]
 
 
@@ -103,17 +110,60 @@ def test_bad_commands_fail_with_one_line(tmp_path, monkeypatch, capsys, argv, me
   assert err.count("\n") == 1 and message in err
 
 
+def _existing_run(workdir: Path, config: Config) -> Path:
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+  return workdir
+
+
 def test_an_existing_run_is_resumed_or_replaced_only_on_request(experiment, tmp_path):
   config = load_experiment(experiment)
-  workdir = tmp_path / "run"
-  (workdir / "checkpoints" / "7").mkdir(parents=True)
-  (workdir / "config.json").write_text("{}")
+  workdir = _existing_run(tmp_path / "run", config)
   with pytest.raises(ValueError, match="already holds a run: pass --resume to continue it, --overwrite"):
     commands.prepare_search(config, experiment, workdir=str(workdir))
   commands.prepare_search(config, experiment, workdir=str(workdir), resume=True)
   assert (workdir / "checkpoints" / "7").exists()
   commands.prepare_search(config, experiment, workdir=str(workdir), overwrite=True)
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+
+
+def test_a_run_is_resumed_only_with_its_own_configuration(experiment, tmp_path):
+  """Changing what the search computes would not continue it "as if never stopped": refused, naming each
+  change; what is logged, saved or evaluated afterwards may change."""
+  config = load_experiment(experiment)
+  workdir = _existing_run(tmp_path / "run", config)
+  changed = config.replace(strategy="drnas", mode="ws", space_options={"channels": 8})
+  message = r"space_options \{\} -> \{'channels': 8\}, mode 'we' -> 'ws', strategy 'gdas' -> 'drnas': drop those"
+  with pytest.raises(ValueError, match=message):
+    commands.prepare_search(changed, experiment, workdir=str(workdir), resume=True)
+  commands.prepare_search(config.replace(log_every=3, quiet=True, eval_epochs=5), experiment, workdir=str(workdir),
+                          resume=True)
+
+
+def test_a_failing_check_replaces_nothing(experiment, tmp_path):
+  """--overwrite deletes the old run only once the new one's data and options passed their checks."""
+  config = load_experiment(experiment)
+  workdir = _existing_run(tmp_path / "run", config)
+  with pytest.raises(ValueError, match="less than one batch"):
+    commands.prepare_search(config.replace(train_limit=100), experiment, workdir=str(workdir), overwrite=True)
+  assert (workdir / "checkpoints" / "7").exists() and (workdir / "config.json").exists()
+
+
+def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, tmp_path, monkeypatch, capsys):
+  """`--smoke` starts its default directory over, but never a run in a directory the user names."""
+  workdir = _existing_run(tmp_path / "real_run", load_experiment(experiment, smoke=True))
+  assert cli.main(["search", "--config", experiment, "--smoke", "--workdir", str(workdir)]) == 2
+  assert "already holds a run" in capsys.readouterr().err and (workdir / "checkpoints" / "7").exists()
+  calls = []
+  monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: calls.append(kwargs) or (lambda: None))
+  assert cli.main(["search", "--config", experiment, "--smoke"]) == 0
+  assert calls[-1]["overwrite"] and not calls[-1]["workdir"]
+
+
+def test_space_options_beyond_the_experiments_are_given_as_key_value(experiment):
+  args = ["--config", experiment, "--space-option", "channels=8", "family_mix=weighted", "dropout=0.0"]
+  command = cli._parse_search(experiment, False, args)
+  assert command.run.space_options == {"channels": 8, "family_mix": "weighted", "dropout": 0.0}
 
 
 def test_default_run_directory_names_experiment_smoke_and_seed():
