@@ -17,6 +17,12 @@ import numpy as np
 import scipy.stats
 
 REQUIRED_FIELDS = ("test_acc", "train_acc")
+_EXPECTED = "a non-empty dict: key string -> {'test_acc': float, 'train_acc': float, ...}"
+# What unpickling bytes that are no pickle raises: beyond pickle's own errors, its opcodes parse their arguments
+# (text as int: ValueError), look up memo entries, modules and attributes, and call what they name (TypeError).
+# Not OSError (reading failed), MemoryError or RecursionError.
+_UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+                      TypeError, ValueError, OverflowError)
 
 
 class TabularBenchmark:
@@ -42,11 +48,14 @@ class TabularBenchmark:
     path = Path(path)
     if not path.is_file():
       raise FileNotFoundError(f"benchmark file {path} not found: pass the path of a TangleNAS-format pickle")
-    try:
-      with open(path, "rb") as f:
+    with open(path, "rb") as f:  # I/O errors stay OSErrors
+      try:
         table = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as error:
-      raise ValueError(f"{path} is not a TangleNAS-format benchmark: cannot unpickle it ({error})") from None
+      except _UNPICKLING_ERRORS as error:  # what it says of bytes that are no pickle would only confuse
+        why = (f"it needs code not importable here: {error}" if isinstance(error, (ImportError, AttributeError))
+               else "cannot unpickle it")
+        raise ValueError(f"{path} is not a tabular benchmark pickle ({why}); expected a TangleNAS-format pickle "
+                         f"of {_EXPECTED}") from error
     return cls(table, name=path.stem, space=space)
 
   @property
@@ -117,7 +126,7 @@ class TabularBenchmark:
 
 
 def _check_format(table: Any, name: str) -> None:
-  expected = "expected a non-empty dict: key string -> {'test_acc': float, 'train_acc': float, ...}"
+  expected = f"expected {_EXPECTED}"
   if not isinstance(table, Mapping) or not table:
     raise ValueError(f"{name} is not a TangleNAS-format benchmark: {expected}, got {type(table).__name__}")
   for key, record in table.items():

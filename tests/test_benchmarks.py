@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import math
 import pickle
+import re
 import statistics
 from pathlib import Path
 
@@ -109,6 +110,22 @@ def test_load_rejects_missing_files_and_other_formats(tmp_path):
       pickle.dump(wrong, f)
     with pytest.raises(ValueError, match="wrong is not a TangleNAS-format benchmark"):
       benchmarks.TabularBenchmark.load(tmp_path / "wrong.pkl")
+
+
+@pytest.mark.parametrize("content", [
+    b"garbage\n",  # a text file: pickle reads "g" as an opcode and "arbage" as its int argument (ValueError)
+    b"",  # EOFError
+    b"\x80\x05\x95garbage",  # a truncated protocol-5 pickle
+    b"c__builtin__\nint\n(S'1'\nS'2'\nS'3'\ntR.",  # int('1', '2', '3'): TypeError
+    b"cno_such_module\nTable\n.",  # ModuleNotFoundError
+])
+def test_load_names_a_file_that_is_no_pickle(tmp_path, content):
+  path = tmp_path / "bad.pkl"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(f"{path} is not a tabular benchmark pickle")) as error:
+    benchmarks.TabularBenchmark.load(path)
+  assert "expected a TangleNAS-format pickle of a non-empty dict" in str(error.value)
+  assert "\n" not in str(error.value)
 
 
 # --- ranking statistics ---------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import Literal, jaxprs_in_params
 
 from space_checks import (assert_choice_masks_cover_gradients, assert_choice_masks_match_weights,
                           assert_masks_cover_gradients, assert_one_hot_matches_standalone, fast_rngs, one_hot_grads,
                           params_at, training_mode)
 from tanglenas.spaces import count_params, get_space
-from tanglenas.spaces.nb201 import OPS, EntangledEdge, SharedEdge, pool_3x3
+from tanglenas.spaces.nb201 import OPS, EntangledEdge, SharedEdge, Zero, pool_3x3
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -131,6 +132,37 @@ def test_avg_pool_excludes_padding():
   y = pool_3x3(x, "avg")
   assert float(y[0, 0, 0, 0]) == pytest.approx(np.mean([0, 1, 4, 5]))
   assert float(y[0, 1, 1, 0]) == pytest.approx(np.mean([0, 1, 2, 4, 5, 6, 8, 9, 10]))
+
+
+def _constant_reduce_windows(jaxpr, runtime=None) -> list:
+  """The reduce-window equations (nested jaxprs included) whose operand depends on none of the inputs."""
+  runtime = set(jaxpr.invars) if runtime is None else runtime
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name.startswith("reduce_window") and eqn.invars[0] not in runtime:
+      found.append(eqn)
+    for sub in jaxprs_in_params(eqn.params):
+      mapped = set(sub.invars) if len(sub.invars) != len(eqn.invars) else {
+          inner for inner, outer in zip(sub.invars, eqn.invars) if outer in runtime}
+      found += _constant_reduce_windows(sub, mapped | set(sub.constvars))
+    if any(v in runtime for v in eqn.invars if not isinstance(v, Literal)):
+      runtime.update(eqn.outvars)
+  return found
+
+
+def test_pool_behind_none_edges_is_not_constant_folded(space, supernet):
+  """Node 2 gets only `none` edges and node 3 pools it. Were `none` a constant, XLA would constant-fold that
+  pooling while compiling: seconds at CIFAR sizes, logged as "Constant folding ... > 1s" errors."""
+  _, net = supernet
+  genotype = space.parse("|none~0|+|none~0|none~1|+|avg_pool_3x3~0|nor_conv_3x3~1|avg_pool_3x3~2|")
+  graphdef, state = nnx.split(space.standalone(net, genotype))
+  x = jnp.zeros((2, 16, 16, 3))
+  jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr
+  assert sum(eqn.primitive.name.startswith("reduce_window") for eqn in jaxpr.eqns) >= 2 * N  # pools are traced
+  # nnx.avg_pool's divisor (a window sum of ones, [1, H, W, 1]) is constant too, but small: it folds fast
+  assert not [eqn for eqn in _constant_reduce_windows(jaxpr) if eqn.invars[0].aval.shape[0] == len(x)]
+  y = Zero(2)(jax.random.normal(jax.random.key(0), (2, 5, 5, C)))
+  assert y.shape == (2, 3, 3, C) and not np.any(y)
 
 
 def test_choice_masks_cover_gradients(space, supernet):
