@@ -23,6 +23,7 @@ from typing import Annotated
 import tyro
 
 from tanglenas import commands
+from tanglenas.errors import DivergenceError
 from tanglenas.config import Config, Scalar, load_experiment
 
 
@@ -74,7 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as error:
     print(f"tanglenas {args.command}: error: {error}", file=sys.stderr)
     return 2
-  run()
+  try:
+    run()
+  except DivergenceError as error:  # the run's files and last good checkpoint stay as they are
+    print(f"tanglenas {args.command}: error: {error}", file=sys.stderr)
+    return 1
   return 0
 
 

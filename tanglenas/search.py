@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tanglenas import data as data_lib
 from tanglenas.benchmarks import TabularBenchmark
 from tanglenas.config import Config
+from tanglenas.errors import DivergenceError
 from tanglenas.metrics import accuracy, bits_per_char
 from tanglenas.nn.arch import ArchParam, arch_logits, set_arch_logits
 from tanglenas.nn.conv import compiler_options
@@ -77,10 +78,6 @@ class SearchResult:
   metrics: dict[str, float]
   workdir: Path
   supernet: nnx.Module | None = dataclasses.field(default=None, repr=False, compare=False)
-
-
-class DivergenceError(RuntimeError):
-  """The search produced a non-finite loss or architecture; the last good checkpoint is kept."""
 
 
 class Run(NamedTuple):

@@ -160,6 +160,17 @@ def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, 
   assert calls[-1]["overwrite"] and not calls[-1]["workdir"]
 
 
+def test_a_diverging_search_ends_with_one_line_and_keeps_its_last_good_checkpoint(experiment, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  args = ["search", "--config", experiment, "--smoke", "--workdir", str(workdir), "--quiet", "--learning-rate", "1e30",
+          "--learning-rate-min", "0", "--grad-clip", "1e30", "--log-every", "1", "--checkpoint-every", "1",
+          "--space-option", "channels=2", "impl=lax"]
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("tanglenas search: error: search diverged at step ")
+  assert "The last good checkpoint is step" in err and any((workdir / "checkpoints").glob("[0-9]*"))
+
+
 def test_space_options_beyond_the_experiments_are_given_as_key_value(experiment):
   args = ["--config", experiment, "--space-option", "channels=8", "family_mix=weighted", "dropout=0.0"]
   command = cli._parse_search(experiment, False, args)
