@@ -194,12 +194,14 @@ def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tupl
         state.weights, state.rest, mixture, x, y, example_weights, sampler.needs_stats)
     updates, weight_opt = run.weight_tx.update(grads, state.weight_opt, state.weights)
     weights = optax.apply_updates(state.weights, updates)
-    sampler_state = state.sampler
-    if sampler.needs_stats:
-      stats = {"choice_grad_norms": choice_grad_norms(grads, run.choice_masks, decisions),
+    sampler_state, grad_norm = state.sampler, optax.global_norm(grads)
+    if sampler.needs_stats:  # per-choice norms of the clipped gradient, the step's own (as PA&DA's code measures)
+      clip = jnp.minimum(1.0, run.config.grad_clip / grad_norm)
+      norms = {name: norm * clip for name, norm in choice_grad_norms(grads, run.choice_masks, decisions).items()}
+      stats = {"choice_grad_norms": norms,
                "sample_scores": sample_scores(out, h, y), "sample_ids": ids, "path": mixture}
       sampler_state = sampler.update(sampler_state, stats)
-    metrics = dict(train_loss=loss, train_acc=accuracy(out, y), grad_norm=optax.global_norm(grads),
+    metrics = dict(train_loss=loss, train_acc=accuracy(out, y), grad_norm=grad_norm,
                    learning_rate=run.schedule(state.step))
     return state._replace(weights=weights, rest=rest, weight_opt=weight_opt, sampler=sampler_state), metrics
 

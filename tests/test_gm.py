@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -37,21 +38,24 @@ def test_cosine_distances_of_known_directions():
   np.testing.assert_allclose(d, expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
-def test_bipartitions_are_all_distinct_splits(k):
-  splits = gm.bipartitions(list(range(k)))
-  assert len(splits) == 2 ** (k - 1) - 1
+@pytest.mark.parametrize("k, min_size", [(2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (4, 2), (5, 2), (6, 2), (6, 3)])
+def test_bipartitions_are_all_distinct_splits(k, min_size):
+  splits = gm.bipartitions(list(range(k)), min_size)
+  expected = sum(math.comb(k, size) for size in range(min_size, k - min_size + 1)) // 2  # {A, B} counted twice
+  assert len(splits) == expected
   seen = set()
   for a, b in splits:
-    assert a and b and 0 in a and sorted(a + b) == list(range(k))
+    assert len(a) >= min_size and len(b) >= min_size and 0 in a and sorted(a + b) == list(range(k))
     seen.add(frozenset(a))
   assert len(seen) == len(splits)
 
 
 def brute_force_partition(d, allowed):
+  """GM-NAS's rule: groups of at least 2 choices (1 where there are fewer than 4)."""
   choices = list(np.flatnonzero(allowed))
+  min_size = 2 if len(choices) >= 4 else 1
   best = None
-  for size in range(1, len(choices)):
+  for size in range(min_size, len(choices) - min_size + 1):
     for a in itertools.combinations(choices, size):
       b = [c for c in choices if c not in a]
       within = sum(d[i, j] for g in (a, b) for i, j in itertools.combinations(g, 2))
@@ -70,6 +74,16 @@ def test_best_bipartition_minimizes_within_distances(seed):
   assert partition.within == pytest.approx(brute_force_partition(d, allowed))
   other = allowed & ~partition.group
   assert partition.cut == pytest.approx(d[np.ix_(partition.group, other)].mean())
+
+
+def test_a_split_keeps_two_choices_per_group_where_there_are_four_or_more():
+  """GM-NAS splits an edge into groups of 2 or more candidates: one outlier is not cut off alone, even though
+  {outlier} | rest has the smallest within-group sum; 3 candidates may split 1 | 2."""
+  d = np.full((5, 5), 0.1)
+  d[0, :] = d[:, 0] = 1.0
+  np.fill_diagonal(d, 0.0)
+  assert gm.best_bipartition(d).group.sum() in (2, 3)
+  np.testing.assert_array_equal(gm.best_bipartition(d[:3, :3]).group, [True, False, False])
 
 
 def test_planted_grouping_is_split_and_the_most_divided_decision_chosen():
@@ -172,6 +186,18 @@ def test_include_masks_leave_out_the_decisions_own_weights_and_the_classifier_on
         assert not keep.any(), (name, path)  # toy-cell choices cover their whole edge
       else:
         assert keep.all(), (name, path)
+
+
+OUTSIDE_CELLS = [("nb201", dict(channels=2, cells=1), ("stem", "stem_bn", "last_bn", "classifier")),
+                 ("darts", dict(layers=2, channels=2), ("stem", "stem_bn", "classifier"))]
+
+
+@pytest.mark.parametrize("name, options, outside", OUTSIDE_CELLS)
+def test_gradient_matching_leaves_out_everything_outside_the_cells(name, options, outside):
+  """GM-NAS matches gradients of the cells' shared weights only: the stem's batch norm and the last one too
+  are left out, not just the stem conv and the classifier."""
+  space = get_space(name, **options)
+  assert sorted(space.gm_excluded(space.supernet(rngs=nnx.Rngs(0)))) == sorted(outside)
 
 
 # --- masked leaves ---------------------------------------------------------------------------------------------

@@ -199,6 +199,22 @@ def state_leaves(module):
           if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
 
 
+def test_path_scores_measure_the_clipped_gradient():
+  """PA&DA's code records each choice's gradient norm after clipping (clip_grad_norm_): a step whose gradient
+  is clipped to 1e-3 of its norm records 1e-3 of the unclipped scores."""
+  def path_scores(grad_clip):
+    run, model = search_lib.build_run(TINY.replace(grad_clip=grad_clip), space=SPACE)
+    step = jax.jit(search_lib.make_weight_step(run))
+    state, metrics = step(search_lib.init_state(run, model), next(run.train_iter), jax.random.key(0))
+    return state.sampler.path_scores, float(metrics["grad_norm"])
+
+  free, norm = path_scores(1e9)
+  clipped, _ = path_scores(1e-3 * norm)
+  assert any(np.any(v > 0) for v in free.values())
+  for name in free:
+    np.testing.assert_allclose(clipped[name], 1e-3 * free[name], rtol=1e-4, atol=1e-12)
+
+
 @pytest.mark.parametrize("strategy,weights", [("spos", False), ("darts", True)])
 def test_search_with_pada_resumes_exactly(tmp_path, strategy, weights):
   config = TINY.replace(strategy=strategy, pada_importance_weights=weights)

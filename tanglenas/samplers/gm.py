@@ -26,10 +26,11 @@ replaced by a large negative constant (softmax, sparsemax, Gumbel and DrNAS's Di
 exactly 0) and the mixture is renormalized over the allowed choices; strategies without an architecture
 (SPOS) draw their path uniformly among the allowed choices.
 
-Differences from the authors' code (github.com/skhu101/GM-NAS, WS-GM/sota/cnn/train_search_ws.py): there,
-among edges the one whose best partition has the smallest within-group distance sum is split; here, the
-largest mean distance across the cut (the two agree when all edges have the same total distance). Both
-average per-batch distance matrices over R batches and split every sub-supernet at each split epoch.
+As in the authors' code (github.com/skhu101/GM-NAS, WS-GM/sota/cnn/train_search_ws.py), both groups of a
+split hold at least two choices (`MIN_GROUP`; decisions of 2 or 3 choices, where that code has no split, allow
+one), distance matrices are averaged over R batches, and every sub-supernet splits at each split epoch.
+The difference: there, among edges the one whose best partition has the smallest within-group distance sum
+is split; here, the one with the largest mean distance across its cut, where the candidates disagree most.
 """
 
 from __future__ import annotations
@@ -96,11 +97,14 @@ def cosine_distances(gram_KK: jax.Array | np.ndarray) -> np.ndarray:
   return distances
 
 
-def bipartitions(allowed: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-  """Every split of `allowed` into two non-empty groups, the first holding `allowed[0]`."""
+MIN_GROUP = 2  # choices per group of a split (GM-NAS's code: group sizes 2 .. K // 2)
+
+
+def bipartitions(allowed: Sequence[int], min_size: int = 1) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """Every split of `allowed` into two groups of at least `min_size` choices, the first holding `allowed[0]`."""
   first, rest = allowed[0], tuple(allowed[1:])
   result = []
-  for size in range(len(rest)):
+  for size in range(min_size - 1, len(rest) - min_size + 1):
     for members in itertools.combinations(rest, size):
       result.append(((first, *members), tuple(c for c in rest if c not in members)))
   return result
@@ -108,14 +112,14 @@ def bipartitions(allowed: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[in
 
 def best_bipartition(distances_KK: np.ndarray, allowed: np.ndarray | None = None) -> Partition:
   """The bipartition of the allowed choices with the smallest within-group distance sum (exhaustive; the
-  first in `bipartitions` order on ties)."""
+  first in `bipartitions` order on ties), into groups of `MIN_GROUP` or more choices where there are enough."""
   distances = np.asarray(distances_KK, np.float64)
   k = distances.shape[0]
   choices = [int(c) for c in np.flatnonzero(np.ones(k, bool) if allowed is None else np.asarray(allowed, bool))]
   if len(choices) < 2:
     raise ValueError(f"a decision needs at least 2 allowed choices to split, got {len(choices)}")
   best = None
-  for a, b in bipartitions(choices):
+  for a, b in bipartitions(choices, MIN_GROUP if len(choices) >= 2 * MIN_GROUP else 1):
     within = sum(distances[i, j] for group in (a, b) for i, j in itertools.combinations(group, 2))
     if best is None or within < best[0] - 1e-12:
       best = (within, a, b)

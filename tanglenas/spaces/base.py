@@ -111,10 +111,14 @@ class Space(abc.ABC):
     """For each decision, which weights (by state path) each of its choices uses."""
 
   def gm_excluded(self, supernet: nnx.Module) -> tuple[str, ...]:
-    """Top-level attributes whose weights gradient matching leaves out (the stem and the classifier; Hu et
-    al., ICLR 2022). Default: children named stem/classifier/head and every top-level `nnx.Linear`."""
+    """Top-level attributes whose weights gradient matching leaves out: those outside the cells, the stem and
+    the classifier (Hu et al., ICLR 2022). Default: children named stem/stem_bn/last_bn/classifier/head and
+    every top-level `nnx.Linear`."""
     return tuple(name for name, child in nnx.iter_children(supernet)
-                 if name in ("stem", "classifier", "head") or isinstance(child, nnx.Linear))
+                 if name in _OUTSIDE_CELLS or isinstance(child, nnx.Linear))
+
+
+_OUTSIDE_CELLS = ("stem", "stem_bn", "last_bn", "classifier", "head")
 
 
 def count_params(module: nnx.Module) -> int:
