@@ -11,6 +11,7 @@ import pytest
 
 from tanglenas import cli, commands
 from tanglenas.config import Config, load_experiment, validate
+from tanglenas.errors import DivergenceError
 
 EXPERIMENT = '''
 from tanglenas.config import Config
@@ -160,6 +161,17 @@ def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, 
   assert calls[-1]["overwrite"] and not calls[-1]["workdir"]
 
 
+def test_a_diverging_search_ends_with_one_line(experiment, monkeypatch, capsys):
+  def diverging_search():
+    raise DivergenceError("search diverged at step 3: non-finite loss. The last good checkpoint is step 2 in X")
+
+  monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: diverging_search)
+  assert cli.main(["search", "--config", experiment]) == 1
+  assert capsys.readouterr().err == "tanglenas search: error: search diverged at step 3: non-finite loss. The " \
+                                    "last good checkpoint is step 2 in X\n"
+
+
+@pytest.mark.slow  # a real search that diverges
 def test_a_diverging_search_ends_with_one_line_and_keeps_its_last_good_checkpoint(experiment, tmp_path, capsys):
   workdir = tmp_path / "run"
   args = ["search", "--config", experiment, "--smoke", "--workdir", str(workdir), "--quiet", "--learning-rate", "1e30",
