@@ -23,8 +23,8 @@ from typing import Annotated
 import tyro
 
 from tanglenas import commands
-from tanglenas.errors import DivergenceError
 from tanglenas.config import Config, Scalar, load_experiment
+from tanglenas.errors import DivergenceError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,7 +287,7 @@ def check_dataset(config: Config, space: Space, dataset: data_lib.Dataset) -> No
   splits = data_lib.split_train_val(len(dataset.train_x), config.val_fraction, config.seed)
   smallest = min(len(indices) for indices in splits)
   if smallest < config.batch_size:
-    raise ValueError(f"the training and validation halves of {len(dataset.train_x)} examples hold "
+    raise ValueError(f"the training and validation splits of {len(dataset.train_x)} examples hold "
                      f"{' and '.join(str(len(i)) for i in splits)}, less than one batch of {config.batch_size}: "
                      "lower --batch-size or raise --train-limit")
 

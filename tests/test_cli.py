@@ -77,7 +77,7 @@ BAD_INPUT = [
   (["--space-option", "channels=-3"], "space option channels of 'toy_cell' must be positive, got -3"),
   (["--space-option", "dropout"], "--space-option takes KEY=VALUE"),
   (["--space-option", "input_shape=(32, 32, 3)"], "has inputs of shape (28, 28, 1) but space toy_cell expects"),
-  (["--train-limit", "100"], "halves of 100 examples hold 50 and 50, less than one batch of 64"),
+  (["--train-limit", "100"], "splits of 100 examples hold 50 and 50, less than one batch of 64"),
   (["--resume"], "nothing to resume in"),
 ]
 
