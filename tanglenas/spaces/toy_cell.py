@@ -10,7 +10,8 @@ dropout 0.2, then 2x2 max-pool, 1152 -> 128 -> 10. Both reduction cells share th
 kernel w3 * pad(K5[centre 3x3]) + w5 * K5. How the two families combine on an edge is `family_mix`:
 - "reference": their outputs are summed unweighted, exactly as TangleNAS's code. Each family ends in an
   affine-free batch norm, so a family's total weight cancels in training; only the 3x3-vs-5x5 ratio inside a
-  family shapes the output and the sep-vs-dil choice gets almost no gradient.
+  family shapes the output and the sep-vs-dil choice gets almost no gradient. A family of zero total weight
+  outputs 0 in eval mode too (where its BN(0) would be -mean/std), gradients unchanged.
 - "weighted": each family's kernel mixture is normalized within the family and its output is scaled by the
   family's total weight, so the sep-vs-dil choice is learned too.
 `ws` (DARTS): four separate operations per edge, outputs summed with the mixture weights.
@@ -105,7 +106,14 @@ class EntangledEdge(nnx.Module):
 
   def __call__(self, x, weights):
     if self.family_mix == "reference":
-      return self.sep(x, kernel=weights[0:2]) + self.dil(x, kernel=weights[2:4])
+      out = 0.0
+      for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
+        y = family(x, kernel=w)
+        # A family without weight (a one-hot path's other family) has a zero kernel: BN(0) is 0 in training
+        # but -mean/std with running statistics. Its value is zeroed, its (reference) gradient kept, so that a
+        # one-hot path in eval mode is the extracted network.
+        out = out + jnp.where(jnp.sum(w) > 0, y, y - jax.lax.stop_gradient(y))
+      return out
     out = 0.0
     for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
       total = jnp.sum(w)
