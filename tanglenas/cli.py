@@ -4,7 +4,7 @@
   tanglenas search --config experiments/toy_cell_darts_ws.py --seed 1 --epochs 10
   tanglenas evaluate runs/toy_cell_darts_we-seed0 --epochs 20         # retrain the derived architecture
   tanglenas rank runs/toy_cell_darts_we-seed0 --benchmark toy.pkl      # supernet ranking vs the table
-  tanglenas plot runs/toy_cell_darts_we-seed0                         # PNGs into the run directory
+  tanglenas plot runs/toy_cell_darts_we-seed0                         # PNGs into <run_dir>/plots
 
 `tanglenas search --config FILE --help` lists every option with the experiment's default.
 """

@@ -71,7 +71,8 @@ class SearchState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
   """What a search found: the derived architecture's string, the final architecture probabilities per
-  decision, the last logged metrics, the run directory, and the trained supernet (not saved to disk)."""
+  decision, the last logged metrics, the run directory, and the trained supernet (not saved to disk). A search
+  stopped before its last epoch (`stop_after_step`) found nothing yet: "", {}, its metrics, None."""
 
   genotype: str
   probs: dict[str, list[float]]
@@ -388,7 +389,10 @@ def search(config: Config, workdir: str | Path, *, resume: bool = False, space: 
   logger = RunLogger(workdir, config, resume_step=start)
   try:
     state, metrics = _loop(run, state, logger, checkpointer, stop_after_step)
-    result = _finish(run, state, logger, metrics, workdir)
+    if run.train_iter.epoch >= config.epochs:
+      result = _finish(run, state, logger, metrics, workdir)
+    else:  # stopped early: no final architecture, so that evaluate/rank see the run as unfinished
+      result = SearchResult("", {}, metrics, workdir)
   finally:
     logger.close()
     checkpointer.close()
@@ -521,6 +525,7 @@ def _finish(run: Run, state: SearchState, logger, metrics: dict[str, float], wor
   else:  # single-path supernets (SPOS): search the trained supernet by validation accuracy
     genotype = evaluate.derive_from_supernet(run.space, supernet, run.val_iter, run.config)
   step = int(state.step)
-  logger.log_genotype(step, genotype)
+  if chosen_leaf is not None or not run.strategy.learns_arch:  # else the last epoch end logged it (_log_derived)
+    logger.log_genotype(step, genotype)
   logger.log_summary({"genotype": str(genotype), "probs": probs, "step": step, **metrics})
   return SearchResult(str(genotype), probs, metrics, workdir, supernet)

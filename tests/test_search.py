@@ -139,6 +139,7 @@ def test_same_seed_same_architecture_bit_for_bit(reference, tmp_path):
 def test_resume_continues_exactly(reference, tmp_path):
   first = search(TINY, tmp_path, space=SPACE, stop_after_step=12)  # stops mid-epoch (8 steps per epoch)
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 12 and first.metrics["step_traces"] == 1
+  assert first.genotype == "" and "genotype" not in read_summary(tmp_path)  # unfinished: nothing to evaluate
   with pytest.raises(ValueError, match="resume"):
     search(TINY, tmp_path, space=SPACE)
   resumed = search(TINY, tmp_path, space=SPACE, resume=True)
@@ -147,6 +148,8 @@ def test_resume_continues_exactly(reference, tmp_path):
     np.testing.assert_array_equal(a, b)
   steps = [r["step"] for r in read_metrics(tmp_path) if "train_loss" in r]
   assert steps == sorted(set(steps)) and steps[-1] == 24
+  genotype_steps = [r["step"] for r in read_metrics(tmp_path) if "genotype" in r]
+  assert genotype_steps == [8, 16, 24] and read_summary(tmp_path)["genotype"] == reference.genotype  # one per epoch
 
 
 def test_each_epoch_logs_its_derived_architecture_and_benchmark_figures(tmp_path):
