@@ -105,20 +105,17 @@ class EntangledEdge(nnx.Module):
     self.dil = DilConv(c, c, (3, 5), stride, impl=impl, rngs=rngs)
 
   def __call__(self, x, weights):
-    if self.family_mix == "reference":
-      out = 0.0
-      for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
+    out = 0.0
+    for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
+      total = jnp.sum(w)
+      if self.family_mix == "reference":
         y = family(x, kernel=w)
         # A family without weight (a one-hot path's other family) has a zero kernel: BN(0) is 0 in training
         # but -mean/std with running statistics. Its value is zeroed, its (reference) gradient kept, so that a
         # one-hot path in eval mode is the extracted network.
-        out = out + jnp.where(jnp.sum(w) > 0, y, y - jax.lax.stop_gradient(y))
-      return out
-    out = 0.0
-    for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
-      total = jnp.sum(w)
-      safe_total = jnp.where(total > 0, total, 1.0)
-      out = out + total * family(x, kernel=w / safe_total)
+        out = out + jnp.where(total > 0, y, y - jax.lax.stop_gradient(y))
+      else:
+        out = out + total * family(x, kernel=w / jnp.where(total > 0, total, 1.0))
     return out
 
   def extract(self, op_index: int) -> nnx.Module:
