@@ -181,6 +181,10 @@ def main() -> None:
             f"{row['forward_ms']:7.1f} {row['baseline_ms']:8.1f} {row['memory_mb']:8.0f} "
             f"{row['memory_mb'] / max(row['baseline_memory_mb'], 1e-9):7.2f} {row['compiles']:8d} "
             f"{row['compile_s']:9.1f} {row['params']:10,d}", flush=True)
+    for mode in ("we", "ws"):
+      if not args.json and (mode, "darts") in measured and (mode, "darts2") in measured:
+        print(f"{mode} darts2 / darts: search step "
+              f"{measured[mode, 'darts2']['search_ms'] / measured[mode, 'darts']['search_ms']:.2f}x")
     for strategy in STRATEGIES:
       if not args.json and ("we", strategy) in measured and ("ws", strategy) in measured:
         we, ws = measured["we", strategy], measured["ws", strategy]

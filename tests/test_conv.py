@@ -1,6 +1,6 @@
 """Tests for tanglenas.nn.conv: every choice of an entangled conv against the standalone op computed here
 with XLA's convolution on the sliced weight, `ws` against the hand-written weighted sum, the depthwise
-formulations against each other (outputs and gradients), mixture gradients numerically, one trace for all
+formulations against each other (outputs, gradients, forward mode, vmap), mixture gradients numerically, one trace for all
 paths, and extraction."""
 
 from __future__ import annotations
@@ -205,6 +205,37 @@ def test_dense_cpu_formulation_second_order_equals_xla(padding):
     return jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss, argnums=1)(x, w), v)))(x)
 
   np.testing.assert_allclose(mixed("shifted"), mixed("lax"), rtol=1e-4, atol=1e-5)
+
+
+def forward_mode_and_vmap(op, x, k):
+  """What forward mode and vmap give for `op(x, k)`: its jvp, the jvp of its kernel gradient (forward over
+  reverse, as exact second-order DARTS takes it), and the value and both gradients vmapped over 2 kernels."""
+  dx, dk = random_x(x.shape, seed=3), random_x(k.shape, seed=4)
+  loss = lambda x, k: jnp.sum(jnp.sin(op(x, k)))
+  kernel_grad = jax.grad(loss, argnums=1)
+  kernels = jnp.stack([k, 0.5 * dk])
+  return (jax.jit(lambda: jax.jvp(op, (x, k), (dx, dk)))(),
+          jax.jit(lambda: jax.jvp(kernel_grad, (x, k), (dx, dk))[1])(),
+          jax.jit(jax.vmap(lambda k: (op(x, k), jax.grad(loss, argnums=(0, 1))(x, k))))(kernels))
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (5, 2, 1), (5, 1, 2), (3, 2, 2)])
+def test_depthwise_forward_mode_and_vmap_agree_across_formulations(kernel, stride, dilation):
+  """The shifted form is a primitive with its own derivative rules: forward mode (jvp, and the jvp of a
+  gradient) and vmap must give what XLA's convolution gives."""
+  x, k = random_x((2, 9, 9, 3)), random_x((kernel, kernel, 3), seed=1)
+  padding = dilation * (kernel - 1) // 2
+  results = [forward_mode_and_vmap(lambda x, k, impl=impl: conv.depthwise_conv(
+      x, k, stride=stride, dilation=dilation, padding=padding, impl=impl), x, k) for impl in FORMULATIONS]
+  chex.assert_trees_all_close(*results, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [1, 2])
+def test_dense_cpu_formulation_forward_mode_and_vmap_equal_xla(padding):
+  x, k = random_x((4, 9, 9, 2)), random_x((5, 5, 2, 3), seed=1)
+  results = [forward_mode_and_vmap(lambda x, k, impl=impl: conv.conv2d(x, k, padding=padding, impl=impl), x, k)
+             for impl in FORMULATIONS]
+  chex.assert_trees_all_close(*results, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("padding, stride", [(None, 1), (None, 2), (2, 1)])

@@ -10,11 +10,13 @@ and 1x1 kernels run as a matmul over channels.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import core, lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from flax import nnx
 
 from tanglenas.nn import masks as masks_lib
@@ -43,8 +45,7 @@ def depthwise_conv(x_NHWC: jax.Array, kernel_HWC: jax.Array, *, stride: int = 1,
   """Depthwise 2-D convolution (one filter per channel) in the formulation `impl` resolves to.
 
   `shifted`: the sum over taps of a shifted, strided slice of the padded input times the tap's weight, one
-  fused loop; its gradients are written out (`_shifted_depthwise_bwd`) because XLA's reverse of the slices
-  (a sum of pads, and one slow reduction per tap) costs 10-50x the forward on CPU. Reverse mode only.
+  fused loop, with written-out derivatives in both reverse and forward mode (`_depthwise_p`).
   `lax`: XLA's grouped convolution.
   """
   kh, kw, channels = kernel_HWC.shape
@@ -83,25 +84,15 @@ def _pad_hw(x_NHWC: jax.Array, low: int, high_h: int, high_w: int, interior: int
   return lax.pad(x_NHWC, jnp.zeros((), x_NHWC.dtype), config)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding):
+  return _depthwise_p.bind(x_NHWC, kernel_HWC, stride=stride, dilation=dilation, padding=padding)
+
+
+def _depthwise_forward(x_NHWC, kernel_HWC, *, stride, dilation, padding):
   kh, kw, _ = kernel_HWC.shape
   out_hw = (output_size(x_NHWC.shape[1], kh, stride=stride, dilation=dilation, padding=padding),
             output_size(x_NHWC.shape[2], kw, stride=stride, dilation=dilation, padding=padding))
   return _correlate(_pad_hw(x_NHWC, padding, padding, padding), kernel_HWC, stride, dilation, out_hw)
-
-
-def _shifted_depthwise_fwd(x_NHWC, kernel_HWC, stride, dilation, padding):
-  return _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding), (x_NHWC, kernel_HWC)
-
-
-def _shifted_depthwise_bwd(stride, dilation, padding, residuals, g_NHWC):
-  """Both gradients as fused loops (`_depthwise_input_grad`, `_depthwise_kernel_grad`). Each is itself built
-  from these custom-gradient functions, so differentiating the backward again (exact second-order DARTS)
-  stays a graph of the same compact loops instead of XLA's reverse of every slice."""
-  x_NHWC, kernel_HWC = residuals
-  return (_depthwise_input_grad(g_NHWC, kernel_HWC, stride, dilation, padding, x_NHWC.shape[1:3]),
-          _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_HWC.shape[:2]))
 
 
 def _depthwise_input_grad(g_NHWC, kernel_HWC, stride, dilation, padding, in_hw):
@@ -115,8 +106,7 @@ def _depthwise_input_grad(g_NHWC, kernel_HWC, stride, dilation, padding, in_hw):
   return _shifted_depthwise(g_padded, kernel_HWC[::-1, ::-1], 1, dilation, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw):
+def _kernel_grad_forward(x_NHWC, g_NHWC, *, stride, dilation, padding, kernel_hw):
   """The kernel gradient of the depthwise conv: per tap, the product of the input window and the output
   gradient, summed over width by unrolled adds (XLA's CPU reduce of a sliced product is ~10x slower)."""
   ho, wo = g_NHWC.shape[1:3]
@@ -129,18 +119,6 @@ def _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw)
                 for i, j in taps[start:start + group]]
     sums.append(jnp.sum(jnp.stack(products), axis=(1, 2)))
   return jnp.concatenate(sums).reshape(*kernel_hw, x_NHWC.shape[-1]).astype(x_NHWC.dtype)
-
-
-def _depthwise_kernel_grad_fwd(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw):
-  return _depthwise_kernel_grad(x_NHWC, g_NHWC, stride, dilation, padding, kernel_hw), (x_NHWC, g_NHWC)
-
-
-def _depthwise_kernel_grad_bwd(stride, dilation, padding, kernel_hw, residuals, cotangent_HWC):
-  """The kernel gradient is bilinear in (x, g): its transpose in g is the conv of x with the cotangent, in x
-  the conv's input gradient of g with the cotangent as kernel."""
-  x_NHWC, g_NHWC = residuals
-  return (_depthwise_input_grad(g_NHWC, cotangent_HWC, stride, dilation, padding, x_NHWC.shape[1:3]),
-          _shifted_depthwise(x_NHWC, cotangent_HWC, stride, dilation, padding))
 
 
 _TERMS_PER_FUSION = 70  # products per output element in one kernel-gradient fusion (5 taps x 14 columns)
@@ -160,8 +138,40 @@ def _sum_width(a_NHWC: jax.Array) -> jax.Array:
   return a_NHWC[:, :, 0]
 
 
-_depthwise_kernel_grad.defvjp(_depthwise_kernel_grad_fwd, _depthwise_kernel_grad_bwd)
-_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+def _bilinear_primitive(name: str, forward: Callable, lhs_transpose: Callable, rhs_transpose: Callable) -> Primitive:
+  """`forward(a, b, **params)`, bilinear in (a, b), as a JAX primitive: compiled from `forward`, differentiated
+  in both modes by `defbilinear` with the written-out transposes `(cotangent, a, b, **params) -> cotangent of
+  a` (of b); under vmap, `forward` runs vmapped."""
+  primitive = Primitive(name)
+  primitive.def_impl(forward)
+
+  def abstract_eval(a, b, **params):
+    out = jax.eval_shape(functools.partial(forward, **params), a, b)
+    return core.ShapedArray(out.shape, out.dtype)
+
+  primitive.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(primitive, mlir.lower_fun(forward, multiple_results=False))
+  batching.primitive_batchers[primitive] = lambda args, dims, **params: (
+      jax.vmap(functools.partial(forward, **params), in_axes=dims)(*args), 0)
+  ad.defbilinear(primitive, lhs_transpose, rhs_transpose)
+  return primitive
+
+
+# The CPU formulations are primitives rather than `custom_vjp` functions so that forward mode applies too (the
+# jvp of a gradient: exact second-order DARTS's Hessian-vector product) while reverse mode keeps the written-out
+# transposes. The depthwise convolution is bilinear in (x, kernel), its kernel gradient in (x, g); the transpose
+# of each is the other fused loop or the input gradient, never XLA's reverse of the slices (a sum of pads and
+# one slow reduction per tap, 10-50x the forward on CPU).
+_depthwise_p = _bilinear_primitive(
+    "shifted_depthwise_conv", _depthwise_forward,
+    lambda ct, x, k, *, stride, dilation, padding: _depthwise_input_grad(
+        ct, k, stride, dilation, padding, x.aval.shape[1:3]),
+    lambda ct, x, k, **params: _kernel_grad_p.bind(x, ct, kernel_hw=k.aval.shape[:2], **params))
+_kernel_grad_p = _bilinear_primitive(
+    "shifted_depthwise_kernel_grad", _kernel_grad_forward,
+    lambda ct, x, g, *, stride, dilation, padding, kernel_hw: _depthwise_input_grad(
+        g, ct, stride, dilation, padding, x.aval.shape[1:3]),
+    lambda ct, x, g, *, stride, dilation, padding, kernel_hw: _shifted_depthwise(x, ct, stride, dilation, padding))
 
 
 def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilation: int = 1,
@@ -198,27 +208,26 @@ def _im2col_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
                          (((3,), (0,)), ((), ())))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _transpose_in(fn: Callable, operand, cotangent):
+  """The transpose of the linear `fn` at `operand`'s shape (an undefined primal), applied to `cotangent`."""
+  return jax.linear_transpose(fn, jax.ShapeDtypeStruct(operand.aval.shape, operand.aval.dtype))(cotangent)[0]
+
+
 def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding)
+  return _padded_input_grad_conv_p.bind(x_NHWC, kernel_HWIO, stride=stride, dilation=dilation, padding=padding)
 
 
-def _padded_input_grad_conv_fwd(x_NHWC, kernel_HWIO, stride, dilation, padding):
-  return _lax_conv(x_NHWC, kernel_HWIO, stride, dilation, padding), (x_NHWC, kernel_HWIO)
-
-
-def _padded_input_grad_conv_bwd(stride, dilation, padding, residuals, g_NHWC):
-  """A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
-  which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward
-  and backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the
-  im2col matmul (75 ms). The kernel gradient is XLA's."""
-  x_NHWC, kernel_HWIO = residuals
-  dx = jax.vjp(lambda x: _im2col_conv(x, kernel_HWIO, stride, dilation, padding), x_NHWC)[1](g_NHWC)[0]
-  kernel_grad = jax.vjp(lambda kernel: _lax_conv(x_NHWC, kernel, stride, dilation, padding), kernel_HWIO)[1]
-  return dx, kernel_grad(g_NHWC)[0]
-
-
-_padded_input_grad_conv.defvjp(_padded_input_grad_conv_fwd, _padded_input_grad_conv_bwd)
+# A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
+# which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward and
+# backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col
+# matmul (75 ms). The kernel gradient is XLA's.
+_padded_input_grad_conv_p = _bilinear_primitive(
+    "padded_input_grad_conv",
+    lambda x, k, *, stride, dilation, padding: _lax_conv(x, k, stride, dilation, padding),
+    lambda ct, x, k, *, stride, dilation, padding: _transpose_in(
+        lambda x: _im2col_conv(x, k, stride, dilation, padding), x, ct),
+    lambda ct, x, k, *, stride, dilation, padding: _transpose_in(
+        lambda k: _lax_conv(x, k, stride, dilation, padding), k, ct))
 
 
 # XLA's CPU backend hands dense convolutions to YNNPACK by default. XLA's own convolution emitter runs them

@@ -64,6 +64,13 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
                             logits: Logits) -> tuple[tuple[jax.Array, Any], Logits]:
   """Value and exact logits-gradient of DARTS's unrolled objective L_val(w'(alpha), alpha).
 
+  With g = grad_w L_train(w, alpha) and w' = step(w, g), the gradient is grad_alpha L_val(w', alpha) plus the
+  mixed second derivative d^2 L_train / d alpha d w applied to u = (d step / d g)^T grad_w' L_val(w', alpha).
+  That Hessian-vector product is taken in forward mode, as the jvp of grad_alpha L_train along u, linearized
+  in the same pass that computes g: it costs about one more pass of the forward and backward, where reverse
+  over reverse (differentiating the whole backward again) costs about two and a half (`benchmarks/search_step.py
+  --strategies darts,darts2`).
+
   Args:
     val_loss: `(weights, logits) -> (loss, aux)`, the validation loss (plus any regularizer).
     train_loss: `(weights, logits) -> (loss, aux)`, the training loss the virtual step descends.
@@ -76,10 +83,10 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
     `((val_loss, aux), grads)` as `jax.value_and_grad(..., has_aux=True)` gives them; `aux` is the
     validation loss's at the virtual weights.
   """
-
-  def objective(arch: Logits):
-    grads, _ = jax.grad(train_loss, has_aux=True)(weights, arch)
-    return val_loss(virtual_step(weights, grads), arch)
-
-  return jax.value_and_grad(objective, has_aux=True)(logits)
-
+  train_grads = lambda w: jax.grad(train_loss, argnums=(0, 1), has_aux=True)(w, logits)[0]
+  (weight_grads, _), train_grads_along = jax.linearize(train_grads, weights)
+  virtual_weights, step_vjp = jax.vjp(lambda grads: virtual_step(weights, grads), weight_grads)
+  value, (val_weight_grads, val_logit_grads) = jax.value_and_grad(val_loss, argnums=(0, 1), has_aux=True)(
+      virtual_weights, logits)
+  (direction,) = step_vjp(val_weight_grads)
+  return value, jax.tree.map(jnp.add, val_logit_grads, train_grads_along(direction)[1])
