@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -307,6 +308,10 @@ def test_search_splits_into_two_leaves_trained_by_one_compiled_step(tmp_path, st
   assert len(splits) == 1 and splits[0]["step"] == 8
   state = final_state(config, tmp_path)
   masks = {name: np.asarray(m) for name, m in state.strategy.masks.items()}
+  for slot in (0, 1):  # re-initialized or not, each leaf is at the run's end of its schedules
+    assert int(optax.tree_utils.tree_get(gm.leaf(state, slot).weight_opt, "count")) == int(state.step) == 16
+    if strategy != "spos":
+      assert int(optax.tree_utils.tree_get(gm.leaf(state, slot).strategy, "step")) == 16
   split = [name for name, m in masks.items() if not m.all()]
   assert len(split) == 1, masks  # one decision split, into complementary groups
   np.testing.assert_array_equal(masks[split[0]][0] + masks[split[0]][1], np.ones(masks[split[0]].shape[1]))

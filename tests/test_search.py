@@ -150,6 +150,12 @@ def test_resume_continues_exactly(reference, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 24
   genotype_steps = [r["step"] for r in read_metrics(tmp_path) if "genotype" in r]
   assert genotype_steps == [8, 16, 24] and read_summary(tmp_path)["genotype"] == reference.genotype  # one per epoch
+  # Resuming the finished run steps nothing and leaves its logs as they are.
+  summary, metrics = (tmp_path / "summary.json").read_bytes(), (tmp_path / "metrics.jsonl").read_bytes()
+  again = search(TINY, tmp_path, space=SPACE, resume=True)
+  assert again.genotype == reference.genotype and again.probs == reference.probs
+  assert again.metrics["step_traces"] == 1 and again.metrics["train_loss"] == resumed.metrics["train_loss"]
+  assert (tmp_path / "summary.json").read_bytes() == summary and (tmp_path / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_each_epoch_logs_its_derived_architecture_and_benchmark_figures(tmp_path):

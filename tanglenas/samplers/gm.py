@@ -11,7 +11,8 @@
   within-group distances (exhaustive: K is small). Its cut score is the mean distance across the cut.
 - Split: the decision with the largest cut score. Each child keeps one group of choices (the others get
   probability 0) and inherits the parent's weights, architecture parameters and optimizer states
-  (`Config.gm_reinit` starts the children from fresh weights and architecture parameters instead).
+  (`Config.gm_reinit` starts the children from fresh weights and architecture parameters instead, at the
+  run's place in its learning-rate and temperature schedules).
 Every leaf splits at each epoch of `Config.gm_split_epochs`, so S splits give 2^S leaves.
 
 Leaves train in ONE compiled step: the search state gets a leading leaf axis of size 2^S from the start
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from tanglenas.config import Config
@@ -419,7 +421,8 @@ def split_leaves(run: Any, state: Any, epochs_done: int) -> tuple[Any, list[Spli
       raise ValueError(f"leaf {parent} has no unsplit decision left; give fewer gm_split_epochs")
     child = parent + len(parents)
     for slot, group in ((parent, split.masks[0]), (child, split.masks[1])):
-      start = _fresh_leaf(run, config.seed + epochs_done * 1000 + slot) if config.gm_reinit else current
+      start = (_continue_schedules(_fresh_leaf(run, config.seed + epochs_done * 1000 + slot), current)
+               if config.gm_reinit else current)
       masks = {**current.strategy.masks, split.decision: jnp.asarray(group, jnp.float32)}
       new = start._replace(strategy=start.strategy._replace(masks=masks), sampler=GMState(jnp.ones((), bool)),
                            key=jax.random.fold_in(current.key, slot))
@@ -437,6 +440,17 @@ def _fresh_leaf(run: Any, seed: int) -> Any:
   model = run.space.supernet(mode=run.config.mode, rngs=nnx.Rngs(seed))
   model.train()
   return leaf(init_state(run, model), 0)
+
+
+def _continue_schedules(fresh: Any, parent: Any) -> Any:
+  """`fresh` at its parent's place in the run's schedules (the weight learning rate's cosine, GDAS's
+  temperature), so that a re-initialized leaf anneals to the run's end instead of restarting the whole run's
+  annealing. Its weights, momentum, Adam moments and logits stay fresh. (GM-NAS's code builds new schedules over
+  the remaining epochs instead.)"""
+  weight_opt = optax.tree_utils.tree_set(fresh.weight_opt,
+                                         count=optax.tree_utils.tree_get(parent.weight_opt, "count"))
+  strategy = optax.tree_utils.tree_set(fresh.strategy, step=optax.tree_utils.tree_get(parent.strategy, "step"))
+  return fresh._replace(weight_opt=weight_opt, strategy=strategy)
 
 
 class LeafChoice(NamedTuple):
