@@ -390,9 +390,9 @@ def search(config: Config, workdir: str | Path, *, resume: bool = False, space: 
   try:
     state, metrics = _loop(run, state, logger, checkpointer, stop_after_step)
     if run.train_iter.epoch >= config.epochs:
-      # A resumed run that had already finished steps nothing: its logged results stand as they are.
       finished_before = start == int(state.step) and "genotype" in logger.summary
-      result = _finish(run, state, logger, metrics, workdir, log=not finished_before)
+      result = (_logged_result(run, state, logger.summary, workdir) if finished_before
+                else _finish(run, state, logger, metrics, workdir))
     else:  # stopped early: no final architecture, so that evaluate/rank see the run as unfinished
       result = SearchResult("", {}, metrics, workdir)
   finally:
@@ -510,10 +510,17 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
   return means
 
 
-def _finish(run: Run, state: SearchState, logger, metrics: dict[str, float], workdir: Path, *,
-            log: bool = True) -> SearchResult:
-  """Derive the architecture, log the summary (unless `log` is False: then the metrics are the summary's),
-  return the result."""
+def _logged_result(run: Run, state: SearchState, summary: dict[str, Any], workdir: Path) -> SearchResult:
+  """A finished run's result as its summary holds it: resuming a finished run steps nothing, derives nothing
+  again and logs nothing."""
+  if run.config.sampler == "gm":
+    state = gm.leaf(state, summary["gm_leaf"])
+  metrics = {k: v for k, v in summary.items() if k not in ("genotype", "probs", "step")}
+  return SearchResult(summary["genotype"], summary["probs"], metrics, workdir, supernet_of(run, state))
+
+
+def _finish(run: Run, state: SearchState, logger, metrics: dict[str, float], workdir: Path) -> SearchResult:
+  """Derive the architecture, log the summary, return the result."""
   from tanglenas import evaluate
 
   chosen_leaf = gm.best_leaf(run, state) if run.config.sampler == "gm" else None
@@ -529,9 +536,6 @@ def _finish(run: Run, state: SearchState, logger, metrics: dict[str, float], wor
   else:  # single-path supernets (SPOS): search the trained supernet by validation accuracy
     genotype = evaluate.derive_from_supernet(run.space, supernet, run.val_iter, run.config)
   step = int(state.step)
-  if not log:
-    metrics = {k: v for k, v in logger.summary.items() if k not in ("genotype", "probs", "step")}
-    return SearchResult(str(genotype), probs, metrics, workdir, supernet)
   if chosen_leaf is not None or not run.strategy.learns_arch:  # else the last epoch end logged it (_log_derived)
     logger.log_genotype(step, genotype)
   logger.log_summary({"genotype": str(genotype), "probs": probs, "step": step, **metrics})

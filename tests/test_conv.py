@@ -1,7 +1,7 @@
 """Tests for tanglenas.nn.conv: every choice of an entangled conv against the standalone op computed here
-with XLA's convolution on the sliced weight, `ws` against the hand-written weighted sum, the depthwise
-formulations against each other (outputs, gradients, forward mode, vmap), mixture gradients numerically, one trace for all
-paths, and extraction."""
+with XLA's convolution on the sliced weight, `ws` against the hand-written weighted sum, the CPU formulations
+against XLA's (outputs, gradients, forward mode, vmap), mixture gradients numerically, one trace for all paths,
+and extraction."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_depthwise_formulations_agree_in_outputs_and_gradients(kernel, stride, d
 
 @pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (5, 2, 1), (5, 1, 2), (3, 2, 2)])
 def test_depthwise_second_order_agrees_across_formulations(kernel, stride, dilation):
-  """Exact second-order DARTS differentiates the backward pass again: the shifted form's written-out gradients
+  """Differentiating the backward pass again (reverse over reverse): the shifted form's written-out gradients
   must be differentiable to the same mixed second derivatives as XLA's convolution."""
   x, k, v = random_x((2, 9, 9, 3)), random_x((kernel, kernel, 3), seed=1), random_x((kernel, kernel, 3), seed=2)
   padding = dilation * (kernel - 1) // 2
@@ -209,17 +209,21 @@ def test_dense_cpu_formulation_second_order_equals_xla(padding):
 
 def forward_mode_and_vmap(op, x, k):
   """What forward mode and vmap give for `op(x, k)`: its jvp, the jvp of its kernel gradient (forward over
-  reverse, as exact second-order DARTS takes it), and the value and both gradients vmapped over 2 kernels."""
+  reverse, as exact second-order DARTS takes it), and the value and both gradients vmapped over 2 kernels, over
+  2 inputs, and differentiated outside the vmap."""
   dx, dk = random_x(x.shape, seed=3), random_x(k.shape, seed=4)
   loss = lambda x, k: jnp.sum(jnp.sin(op(x, k)))
-  kernel_grad = jax.grad(loss, argnums=1)
-  kernels = jnp.stack([k, 0.5 * dk])
+  value_and_grads = lambda x, k: (op(x, k), jax.grad(loss, argnums=(0, 1))(x, k))
+  kernels, inputs = jnp.stack([k, 0.5 * dk]), jnp.stack([x, 0.5 * dx], axis=1)
   return (jax.jit(lambda: jax.jvp(op, (x, k), (dx, dk)))(),
-          jax.jit(lambda: jax.jvp(kernel_grad, (x, k), (dx, dk))[1])(),
-          jax.jit(jax.vmap(lambda k: (op(x, k), jax.grad(loss, argnums=(0, 1))(x, k))))(kernels))
+          jax.jit(lambda: jax.jvp(jax.grad(loss, argnums=1), (x, k), (dx, dk))[1])(),
+          jax.jit(jax.vmap(value_and_grads, in_axes=(None, 0)))(x, kernels),
+          jax.jit(jax.vmap(value_and_grads, in_axes=(1, None)))(inputs, k),
+          jax.jit(jax.grad(lambda xs, ks: jnp.sum(jnp.sin(jax.vmap(op)(xs, ks))), argnums=(0, 1)))(
+              jnp.moveaxis(inputs, 1, 0), kernels))
 
 
-@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (5, 2, 1), (5, 1, 2), (3, 2, 2)])
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (5, 2, 1), (5, 1, 2), (3, 2, 2), (3, 3, 1)])
 def test_depthwise_forward_mode_and_vmap_agree_across_formulations(kernel, stride, dilation):
   """The shifted form is a primitive with its own derivative rules: forward mode (jvp, and the jvp of a
   gradient) and vmap must give what XLA's convolution gives."""
@@ -230,10 +234,11 @@ def test_depthwise_forward_mode_and_vmap_agree_across_formulations(kernel, strid
   chex.assert_trees_all_close(*results, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("padding", [1, 2])
-def test_dense_cpu_formulation_forward_mode_and_vmap_equal_xla(padding):
+@pytest.mark.parametrize("padding, stride", [(1, 1), (2, 2), (0, 2)])
+def test_dense_cpu_formulation_forward_mode_and_vmap_equal_xla(padding, stride):
   x, k = random_x((4, 9, 9, 2)), random_x((5, 5, 2, 3), seed=1)
-  results = [forward_mode_and_vmap(lambda x, k, impl=impl: conv.conv2d(x, k, padding=padding, impl=impl), x, k)
+  results = [forward_mode_and_vmap(lambda x, k, impl=impl: conv.conv2d(x, k, padding=padding, stride=stride,
+                                                                       impl=impl), x, k)
              for impl in FORMULATIONS]
   chex.assert_trees_all_close(*results, rtol=1e-4, atol=1e-4)
 
@@ -288,8 +293,8 @@ def test_mixture_gradients_match_finite_differences(impl, depthwise):
       y = nnx.merge(graphdef, params)(x, kernel=weights)
       return jnp.sum(jnp.tanh(y) * r)  # nonlinear, so second-order terms would show
 
-    # Second order too: DARTS' unrolled gradient differentiates through the weight gradient.
-    check_grads(loss, (jnp.array([0.4, 0.6], jnp.float64),), order=2, modes=("rev",))
+    # Second order too, in both modes: DARTS' unrolled gradient differentiates through the weight gradient.
+    check_grads(loss, (jnp.array([0.4, 0.6], jnp.float64),), order=2, modes=("fwd", "rev"))
 
 
 def test_one_trace_serves_every_path():

@@ -351,6 +351,14 @@ def test_search_with_splits_resumes_exactly(tmp_path):
                   jax.tree.leaves(final_state(config, tmp_path / "reference"))):
     if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Resuming the finished run gives its result again, from its summary: the best leaf's supernet, no new logs.
+  summary = (tmp_path / "resumed" / "summary.json").read_bytes()
+  again = search(config, tmp_path / "resumed", space=TINY_SPACE, resume=True)
+  assert again.genotype == reference.genotype and again.metrics["gm_leaf"] == reference.metrics["gm_leaf"]
+  assert (tmp_path / "resumed" / "summary.json").read_bytes() == summary
+  for a, b in zip(jax.tree.leaves(nnx.state(again.supernet, nnx.Param)),
+                  jax.tree.leaves(nnx.state(resumed.supernet, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_config_rules():

@@ -89,9 +89,7 @@ def _shifted_depthwise(x_NHWC, kernel_HWC, stride, dilation, padding):
 
 
 def _depthwise_forward(x_NHWC, kernel_HWC, *, stride, dilation, padding):
-  kh, kw, _ = kernel_HWC.shape
-  out_hw = (output_size(x_NHWC.shape[1], kh, stride=stride, dilation=dilation, padding=padding),
-            output_size(x_NHWC.shape[2], kw, stride=stride, dilation=dilation, padding=padding))
+  out_hw = _conv_output_shape(x_NHWC.shape, kernel_HWC.shape[:2], 0, stride, dilation, padding)[1:3]
   return _correlate(_pad_hw(x_NHWC, padding, padding, padding), kernel_HWC, stride, dilation, out_hw)
 
 
@@ -138,23 +136,31 @@ def _sum_width(a_NHWC: jax.Array) -> jax.Array:
   return a_NHWC[:, :, 0]
 
 
-def _bilinear_primitive(name: str, forward: Callable, lhs_transpose: Callable, rhs_transpose: Callable) -> Primitive:
-  """`forward(a, b, **params)`, bilinear in (a, b), as a JAX primitive: compiled from `forward`, differentiated
-  in both modes by `defbilinear` with the written-out transposes `(cotangent, a, b, **params) -> cotangent of
-  a` (of b); under vmap, `forward` runs vmapped."""
+def _bilinear_primitive(name: str, forward: Callable, shape_of: Callable, lhs_transpose: Callable,
+                        rhs_transpose: Callable, batch_rule: Callable) -> Primitive:
+  """`forward(a, b, **params)`, bilinear in (a, b), as a JAX primitive: compiled from `forward`, its output shape
+  `shape_of(a, b, **params)`, differentiated in both modes by `defbilinear` with the written-out transposes
+  `(cotangent, a, b, **params) -> cotangent of a` (of b), vmapped by `batch_rule(primitive, args, dims,
+  **params)`."""
   primitive = Primitive(name)
   primitive.def_impl(forward)
-
-  def abstract_eval(a, b, **params):
-    out = jax.eval_shape(functools.partial(forward, **params), a, b)
-    return core.ShapedArray(out.shape, out.dtype)
-
-  primitive.def_abstract_eval(abstract_eval)
+  primitive.def_abstract_eval(lambda a, b, **params: core.ShapedArray(shape_of(a, b, **params), a.dtype))
   mlir.register_lowering(primitive, mlir.lower_fun(forward, multiple_results=False))
-  batching.primitive_batchers[primitive] = lambda args, dims, **params: (
-      jax.vmap(functools.partial(forward, **params), in_axes=dims)(*args), 0)
+  batching.primitive_batchers[primitive] = functools.partial(batch_rule, primitive)
   ad.defbilinear(primitive, lhs_transpose, rhs_transpose)
   return primitive
+
+
+def _batch_into_channels(primitive: Primitive, args, dims, **params):
+  """vmap rule of the depthwise operations, which act channel by channel: the vmapped axis joins the channel
+  axis (an unmapped operand is broadcast to it) and the primitive binds again, its derivative rules intact."""
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  folded = []
+  for a, d in zip(args, dims):
+    a = jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+    folded.append(jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], -1))
+  out = primitive.bind(*folded, **params)
+  return jnp.moveaxis(out.reshape(*out.shape[:-1], size, -1), -2, 0), 0
 
 
 # The CPU formulations are primitives rather than `custom_vjp` functions so that forward mode applies too (the
@@ -164,14 +170,24 @@ def _bilinear_primitive(name: str, forward: Callable, lhs_transpose: Callable, r
 # one slow reduction per tap, 10-50x the forward on CPU).
 _depthwise_p = _bilinear_primitive(
     "shifted_depthwise_conv", _depthwise_forward,
+    lambda x, k, *, stride, dilation, padding: _conv_output_shape(x.shape, k.shape[:2], k.shape[-1], stride,
+                                                                  dilation, padding),
     lambda ct, x, k, *, stride, dilation, padding: _depthwise_input_grad(
         ct, k, stride, dilation, padding, x.aval.shape[1:3]),
-    lambda ct, x, k, **params: _kernel_grad_p.bind(x, ct, kernel_hw=k.aval.shape[:2], **params))
+    lambda ct, x, k, **params: _kernel_grad_p.bind(x, ct, kernel_hw=k.aval.shape[:2], **params),
+    _batch_into_channels)
 _kernel_grad_p = _bilinear_primitive(
     "shifted_depthwise_kernel_grad", _kernel_grad_forward,
+    lambda x, g, *, stride, dilation, padding, kernel_hw: (*kernel_hw, x.shape[-1]),
     lambda ct, x, g, *, stride, dilation, padding, kernel_hw: _depthwise_input_grad(
         g, ct, stride, dilation, padding, x.aval.shape[1:3]),
-    lambda ct, x, g, *, stride, dilation, padding, kernel_hw: _shifted_depthwise(x, ct, stride, dilation, padding))
+    lambda ct, x, g, *, stride, dilation, padding, kernel_hw: _shifted_depthwise(x, ct, stride, dilation, padding),
+    _batch_into_channels)
+
+
+def _conv_output_shape(x_shape, kernel_hw, channels, stride, dilation, padding) -> tuple[int, ...]:
+  return (x_shape[0], *(output_size(size, k, stride=stride, dilation=dilation, padding=padding)
+                        for size, k in zip(x_shape[1:3], kernel_hw)), channels)
 
 
 def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilation: int = 1,
@@ -180,7 +196,7 @@ def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilati
 
   XLA's convolution, compiled on CPU with `compiler_options()`. A convolution padded less than "same" gets a
   written-out input gradient in the CPU formulation (`shifted`, which `auto` picks on CPU; see
-  `_padded_input_grad_conv`); `lax` keeps XLA's own.
+  `_padded_input_grad_conv_p`); `lax` keeps XLA's own.
   """
   if x_NHWC.shape[-1] != kernel_HWIO.shape[2]:
     raise ValueError(f"kernel expects {kernel_HWIO.shape[2]} input channels, input has {x_NHWC.shape[-1]}")
@@ -221,13 +237,27 @@ def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
 # which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward and
 # backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col
 # matmul (75 ms). The kernel gradient is XLA's.
+def _batch_dense(primitive: Primitive, args, dims, **params):
+  """vmap rule of the dense convolution: a vmapped input alone joins the batch axis and the primitive binds
+  again; a vmapped kernel runs XLA's batched convolution (whose input gradient is XLA's own)."""
+  (x, kernel), (x_dim, kernel_dim) = args, dims
+  if kernel_dim is not None:
+    return jax.vmap(lambda x, k: _lax_conv(x, k, **params), in_axes=dims)(x, kernel), 0
+  x = jnp.moveaxis(x, x_dim, 0)
+  out = primitive.bind(x.reshape(-1, *x.shape[2:]), kernel, **params)
+  return out.reshape(*x.shape[:2], *out.shape[1:]), 0
+
+
 _padded_input_grad_conv_p = _bilinear_primitive(
     "padded_input_grad_conv",
     lambda x, k, *, stride, dilation, padding: _lax_conv(x, k, stride, dilation, padding),
+    lambda x, k, *, stride, dilation, padding: _conv_output_shape(x.shape, k.shape[:2], k.shape[-1], stride,
+                                                                  dilation, padding),
     lambda ct, x, k, *, stride, dilation, padding: _transpose_in(
         lambda x: _im2col_conv(x, k, stride, dilation, padding), x, ct),
     lambda ct, x, k, *, stride, dilation, padding: _transpose_in(
-        lambda k: _lax_conv(x, k, stride, dilation, padding), k, ct))
+        lambda k: _lax_conv(x, k, stride, dilation, padding), k, ct),
+    _batch_dense)
 
 
 # XLA's CPU backend hands dense convolutions to YNNPACK by default. XLA's own convolution emitter runs them

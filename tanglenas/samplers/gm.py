@@ -447,9 +447,10 @@ def _continue_schedules(fresh: Any, parent: Any) -> Any:
   temperature), so that a re-initialized leaf anneals to the run's end instead of restarting the whole run's
   annealing. Its weights, momentum, Adam moments and logits stay fresh. (GM-NAS's code builds new schedules over
   the remaining epochs instead.)"""
-  weight_opt = optax.tree_utils.tree_set(fresh.weight_opt,
-                                         count=optax.tree_utils.tree_get(parent.weight_opt, "count"))
-  strategy = optax.tree_utils.tree_set(fresh.strategy, step=optax.tree_utils.tree_get(parent.strategy, "step"))
+  in_schedule = lambda path, _: getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+  count = optax.tree_utils.tree_get(parent.weight_opt, "count", filtering=in_schedule)
+  weight_opt = optax.tree_utils.tree_set(fresh.weight_opt, in_schedule, count=count)
+  strategy = fresh.strategy._replace(inner=fresh.strategy.inner._replace(step=parent.strategy.inner.step))
   return fresh._replace(weight_opt=weight_opt, strategy=strategy)
 
 

@@ -83,7 +83,9 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
     `((val_loss, aux), grads)` as `jax.value_and_grad(..., has_aux=True)` gives them; `aux` is the
     validation loss's at the virtual weights.
   """
-  train_grads = lambda w: jax.grad(train_loss, argnums=(0, 1), has_aux=True)(w, logits)[0]
+  def train_grads(weights):
+    return jax.grad(train_loss, argnums=(0, 1), has_aux=True)(weights, logits)[0]
+
   (weight_grads, _), train_grads_along = jax.linearize(train_grads, weights)
   virtual_weights, step_vjp = jax.vjp(lambda grads: virtual_step(weights, grads), weight_grads)
   value, (val_weight_grads, val_logit_grads) = jax.value_and_grad(val_loss, argnums=(0, 1), has_aux=True)(
