@@ -103,6 +103,15 @@ def test_blend_mixes_scores_with_uniform():
   np.testing.assert_allclose(pada.blend(jnp.zeros(4), 0.7), [0.25] * 4)  # nothing seen: uniform
 
 
+def test_sample_scores_average_per_visit_and_keep_the_largest_of_repeated_ids():
+  scores = jnp.array([0.0, 2.0, 4.0, 0.0])
+  updated = pada.update_sample_scores(scores, jnp.array([0, 1, 2, 2, 2]), jnp.array([3.0, 1.0, 0.0, 8.0, 2.0]))
+  # 0: first visit -> 3; 1: (2 + 1) / 2; 2: repeated -> max of (4 + 0) / 2, (4 + 8) / 2, (4 + 2) / 2; 3: unseen
+  np.testing.assert_allclose(updated, [3.0, 1.5, 6.0, 0.0])
+  smaller = pada.update_sample_scores(scores, jnp.array([2, 2]), jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(smaller, [0.0, 2.0, 2.5, 0.0])  # an average below the old score replaces it
+
+
 def stats(path, norms, ids, scores):
   return {"path": {name: jnp.asarray(v, jnp.float32) for name, v in path.items()},
           "choice_grad_norms": {name: jnp.asarray(v, jnp.float32) for name, v in norms.items()},

@@ -88,11 +88,13 @@ def update_path_scores(scores: jax.Array, norms: jax.Array, path: jax.Array) -> 
 def update_sample_scores(scores_N: jax.Array, ids_B: jax.Array, values_B: jax.Array) -> jax.Array:
   """s_i <- v on an example's first visit this epoch, else (s_i + v) / 2.
 
-  An id repeated inside one batch (possible with replacement sampling) keeps one of its values.
+  An id repeated inside one batch (possible with replacement sampling; each copy has its own dropout mask)
+  keeps the largest of its new scores: a scatter-max, whose result is the same on every backend, where a
+  scatter-set of duplicates keeps whichever write lands last (unspecified on GPU).
   """
   current = scores_N[ids_B]
   new = jnp.where(current > 0, 0.5 * (current + values_B), values_B)
-  return scores_N.at[ids_B].set(new)
+  return scores_N.at[ids_B].set(0.0).at[ids_B].max(new)
 
 
 def importance_weights(state: PadaState, sample_ids: jax.Array, path: Mapping[str, jax.Array],
