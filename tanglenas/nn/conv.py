@@ -40,6 +40,11 @@ def output_size(size: int, kernel: int, *, stride: int, dilation: int, padding: 
   return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _conv_output_shape(x_shape, kernel_hw, channels, stride, dilation, padding) -> tuple[int, ...]:
+  return (x_shape[0], *(output_size(size, k, stride=stride, dilation=dilation, padding=padding)
+                        for size, k in zip(x_shape[1:3], kernel_hw)), channels)
+
+
 def depthwise_conv(x_NHWC: jax.Array, kernel_HWC: jax.Array, *, stride: int = 1, dilation: int = 1,
                    padding: int = 0, impl: str = "auto") -> jax.Array:
   """Depthwise 2-D convolution (one filter per channel) in the formulation `impl` resolves to.
@@ -185,11 +190,6 @@ _kernel_grad_p = _bilinear_primitive(
     _batch_into_channels)
 
 
-def _conv_output_shape(x_shape, kernel_hw, channels, stride, dilation, padding) -> tuple[int, ...]:
-  return (x_shape[0], *(output_size(size, k, stride=stride, dilation=dilation, padding=padding)
-                        for size, k in zip(x_shape[1:3], kernel_hw)), channels)
-
-
 def conv2d(x_NHWC: jax.Array, kernel_HWIO: jax.Array, *, stride: int = 1, dilation: int = 1,
            padding: int = 0, impl: str = "auto") -> jax.Array:
   """Dense 2-D convolution. A 1x1 kernel without padding runs as a matmul over channels (faster on CPU).
@@ -233,10 +233,6 @@ def _padded_input_grad_conv(x_NHWC, kernel_HWIO, stride, dilation, padding):
   return _padded_input_grad_conv_p.bind(x_NHWC, kernel_HWIO, stride=stride, dilation=dilation, padding=padding)
 
 
-# A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
-# which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward and
-# backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col
-# matmul (75 ms). The kernel gradient is XLA's.
 def _batch_dense(primitive: Primitive, args, dims, **params):
   """vmap rule of the dense convolution: a vmapped input alone joins the batch axis and the primitive binds
   again; a vmapped kernel runs XLA's batched convolution (whose input gradient is XLA's own)."""
@@ -248,6 +244,10 @@ def _batch_dense(primitive: Primitive, args, dims, **params):
   return out.reshape(*x.shape[:2], *out.shape[1:]), 0
 
 
+# A convolution padded less than "same" has an input gradient that is a convolution padded MORE than "same",
+# which XLA's CPU backend runs ~70x slower (the toy macro space's last 7x7 conv, padding 2: 10.8 s forward and
+# backward; as an explicitly padded "valid" convolution still 450 ms). Here it is the transpose of the im2col
+# matmul (75 ms). The kernel gradient is XLA's.
 _padded_input_grad_conv_p = _bilinear_primitive(
     "padded_input_grad_conv",
     lambda x, k, *, stride, dilation, padding: _lax_conv(x, k, stride, dilation, padding),
