@@ -5,8 +5,8 @@ epochs 15 and 30 (the split epochs of the authors' NAS-Bench-201 runs; their DAR
   tanglenas search --config experiments/darts_gm.py --smoke  # synthetic data in CIFAR-10's shape
 """
 
-from presets import experiment
+from presets import GM_DARTS, experiment
 
 
 def get_config(smoke: bool = False):
-  return experiment("darts", "darts", mode="ws", sampler="gm", epochs=50, gm_split_epochs=(15, 30), smoke=smoke)
+  return experiment("darts", "darts", mode="ws", **GM_DARTS, smoke=smoke)

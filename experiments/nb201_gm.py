@@ -5,8 +5,8 @@ supernet after epochs 15 and 30 as the authors' GM+DARTS command (WS-GM/README, 
   tanglenas search --config experiments/nb201_gm.py --smoke  # synthetic data in CIFAR-10's shape
 """
 
-from presets import experiment
+from presets import GM_DARTS, experiment
 
 
 def get_config(smoke: bool = False):
-  return experiment("nb201", "darts", mode="ws", sampler="gm", epochs=50, gm_split_epochs=(15, 30), smoke=smoke)
+  return experiment("nb201", "darts", mode="ws", **GM_DARTS, smoke=smoke)

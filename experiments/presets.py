@@ -51,5 +51,9 @@ def toy_cell(strategy: str, mode: str, *, smoke: bool) -> Config:
 
 
 # PA&DA's NAS-Bench-201 supernet training (github.com/ShunLu91/PA-DA, nasbench201/train_panda_201.py):
-# SGD lr 0.05, weight decay 2.5e-4, batch 256, 250 epochs, half of the CIFAR-10 training set.
-PADA_NB201 = dict(epochs=250, learning_rate=0.05, weight_decay=2.5e-4, batch_size=256, val_fraction=0.5)
+# SGD lr 0.05 with plain momentum, cosine-annealed to 0, weight decay 2.5e-4, batch 256, 250 epochs, half of
+# the CIFAR-10 training set.
+PADA_NB201 = dict(epochs=250, learning_rate=0.05, learning_rate_min=0.0, nesterov=False, weight_decay=2.5e-4,
+                  batch_size=256, val_fraction=0.5)
+# GM-NAS's supernet training (WS-GM, on DARTS's train_search.py): DARTS's SGD, plain momentum.
+GM_DARTS = dict(epochs=50, nesterov=False, sampler="gm", gm_split_epochs=(15, 30))

@@ -38,7 +38,8 @@ class Config:
   batch_size: int = 64  # examples per training batch (and per validation batch)
   learning_rate: float = 0.025  # SGD, cosine-annealed to `learning_rate_min`
   learning_rate_min: float = 1e-3
-  momentum: float = 0.9  # Nesterov
+  momentum: float = 0.9
+  nesterov: bool = True  # TangleNAS's; the DARTS-derived code of PA&DA and GM-NAS uses plain momentum
   weight_decay: float = 5e-4
   grad_clip: float = 5.0  # global norm
 
@@ -186,6 +187,12 @@ def _check_combinations(config: Config, space: Any) -> None:
                      f"{config.strategy}: drop --mixture")
   if config.drnas_kl_weight and config.strategy != "drnas":
     raise ValueError(f"drnas_kl_weight is only used by strategy drnas, not {config.strategy}")
+  if config.drnas_kl_weight and config.arch_weight_decay:
+    raise ValueError("DrNAS regularizes its architecture by either the KL term or L2 weight decay, not both: with "
+                     "--drnas-kl-weight give --arch-weight-decay 0")
+  if config.strategy == "darts2" and config.sampler in ("uniform", "pada"):
+    raise ValueError(f"darts2 differentiates through a weight step on its own mixture, but sampler {config.sampler} "
+                     "trains sampled paths: use --sampler none or gm, or strategy darts")
   if config.pada_importance_weights and config.sampler != "pada":
     raise ValueError(f"pada_importance_weights is only used by sampler pada, not {config.sampler}")
   if config.gm_split_epochs:

@@ -103,25 +103,26 @@ class Run(NamedTuple):
 # --- optimizers -----------------------------------------------------------------------------------------
 def weight_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """TangleNAS's weight optimizer: global-norm clipping, then PyTorch-style SGD (weight decay added to the
-  gradient, Nesterov momentum), learning rate cosine-annealed from `learning_rate` to `learning_rate_min`
-  over `total_steps` (per step, where the reference anneals per epoch)."""
+  gradient, Nesterov or plain momentum), learning rate cosine-annealed from `learning_rate` to
+  `learning_rate_min` over `total_steps` (per step, where the reference anneals per epoch)."""
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1),
                                          alpha=config.learning_rate_min / config.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.add_decayed_weights(config.weight_decay),
-                   optax.trace(decay=config.momentum, nesterov=True), optax.scale_by_learning_rate(schedule))
+                   optax.trace(decay=config.momentum, nesterov=config.nesterov), optax.scale_by_learning_rate(schedule))
   return tx, schedule
 
 
-def virtual_weight_step(weight_tx: optax.GradientTransformation) -> Callable:
-  """darts2's virtual step `(weights, grads, opt_state) -> w'`: the weights after the step the weight optimizer
-  would take with `grads` (current learning rate xi, momentum buffer, weight decay, clipping); the optimizer
-  state it would produce is discarded. DARTS's `_compute_unrolled_model` takes w - xi * (momentum * buffer +
-  grad + wd * w), its plain-momentum SGD step without clipping; here w' is exactly where this run's optimizer
-  (Nesterov momentum, clipping) would move the weights with that gradient."""
+def virtual_weight_step(config: Config, schedule: optax.Schedule) -> Callable:
+  """darts2's virtual step `(weights, grads, opt_state) -> w'`, as DARTS's `_compute_unrolled_model` takes it:
+  w - xi * (momentum * buffer + grads + weight_decay * w), with xi the learning rate of the step about to be
+  taken and buffer the weight optimizer's momentum. Unclipped and linear in `grads` (d w' / d grads = -xi), so
+  the architecture gradient is the paper's, whatever clipping and Nesterov momentum the real step uses."""
 
   def step(weights, grads, opt_state):
-    updates, _ = weight_tx.update(grads, opt_state, weights)
-    return optax.apply_updates(weights, updates)
+    buffer = next(s for s in opt_state if isinstance(s, optax.TraceState)).trace
+    xi = schedule(next(s for s in opt_state if isinstance(s, optax.ScaleByScheduleState)).count)
+    return jax.tree.map(lambda w, g, b: w - xi * (config.momentum * b + g + config.weight_decay * w),
+                        weights, grads, buffer)
 
   return step
 
@@ -148,7 +149,7 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
   batch statistics. The caller skips it when the strategy does not learn its architecture."""
   strategy = run.strategy
   forward = make_forward(run.graphdef, run.arch_template)
-  virtual_step = virtual_weight_step(run.weight_tx)
+  virtual_step = virtual_weight_step(run.config, run.schedule)
 
   def arch_step(state: SearchState, train: tuple, val: tuple, key: jax.Array) -> tuple[SearchState, dict]:
     (x_train, y_train, _), (x_val, y_val) = train, val

@@ -67,6 +67,8 @@ BAD_INPUT = [
   (["--strategy", "fixed", "--sampler", "uniform", "--genotype", "TOY"], "sampler uniform samples paths"),
   (["--gm-split-epochs", "1"], "gm_split_epochs is only used by sampler gm"),
   (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2"),
+  (["--strategy", "drnas", "--drnas-kl-weight", "1"], "with --drnas-kl-weight give --arch-weight-decay 0"),
+  (["--strategy", "darts2", "--sampler", "pada"], "darts2 differentiates through a weight step on its own mixture"),
   (["--data-dir", "/nonexistent"], "Fashion-MNIST files"),
   (["--dataset", "cifar10"], "CIFAR-10 batches not found"),
   (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "downsampled ImageNet not found in /nonexistent"),

@@ -267,10 +267,13 @@ def test_toy_cell_search_smoke(tmp_path, strategy):
 
 
 # --- optimizers ------------------------------------------------------------------------------------------------
-def test_weight_optimizer_is_pytorch_sgd_nesterov_with_l2_clipping_and_cosine():
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_weight_optimizer_is_pytorch_sgd_with_l2_clipping_and_cosine(nesterov):
   """Three steps against PyTorch's rules by hand: clip_grad_norm_, then d = g + wd w, buf = m buf + d,
-  w -= lr_t (d + m buf), lr_t = lr_min + (lr - lr_min) (1 + cos(pi t / T)) / 2."""
-  config = Config(learning_rate=0.1, learning_rate_min=0.01, momentum=0.9, weight_decay=0.05, grad_clip=1.0)
+  w -= lr_t (d + m buf) with Nesterov momentum, lr_t buf without; lr_t = lr_min + (lr - lr_min) (1 + cos(pi t /
+  T)) / 2."""
+  config = Config(learning_rate=0.1, learning_rate_min=0.01, momentum=0.9, weight_decay=0.05, grad_clip=1.0,
+                  nesterov=nesterov)
   total = 4
   tx, schedule = search_lib.weight_optimizer(config, total)
   w = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
@@ -287,18 +290,26 @@ def test_weight_optimizer_is_pytorch_sgd_nesterov_with_l2_clipping_and_cosine():
     np.testing.assert_allclose(schedule(t), lr, rtol=1e-6)
     d = {k: scale * np.asarray(g[k], np.float64) + 0.05 * expected[k] for k in g}
     buf = d if buf is None else {k: 0.9 * buf[k] + d[k] for k in d}
-    expected = {k: expected[k] - lr * (d[k] + 0.9 * buf[k]) for k in d}
+    expected = {k: expected[k] - lr * (d[k] + 0.9 * buf[k] if nesterov else buf[k]) for k in d}
     for k in w:
       np.testing.assert_allclose(w[k], expected[k], rtol=1e-5)
 
 
-def test_darts2_virtual_step_is_the_weight_optimizers_next_step():
-  config = Config(learning_rate=0.2, momentum=0.9, weight_decay=0.01)
-  tx, _ = search_lib.weight_optimizer(config, 10)
+def test_darts2_virtual_step_is_darts_unrolled_model():
+  """w' = w - xi * (momentum * buffer + g + wd * w) with the next step's learning rate and the optimizer's
+  momentum buffer; unclipped (the gradient's norm is above grad_clip), so d w' / d g = -xi."""
+  config = Config(learning_rate=0.2, learning_rate_min=0.02, momentum=0.9, weight_decay=0.01, grad_clip=0.1)
+  tx, schedule = search_lib.weight_optimizer(config, 10)
   w = {"a": jnp.array([1.0, -0.5, 2.0])}
   state = tx.init(w)
-  _, state = tx.update({"a": jnp.array([0.5, 0.5, -1.0])}, state, w)  # a non-zero momentum buffer
+  first = jnp.array([0.5, 0.5, -1.0])
+  _, state = tx.update({"a": first}, state, w)  # a non-zero momentum buffer: the clipped g + wd w
+  buffer = first * 0.1 / np.linalg.norm(first) + 0.01 * w["a"]
   g = {"a": jnp.array([0.1, -0.3, 0.2])}
-  updates, _ = tx.update(g, state, w)
-  virtual = search_lib.virtual_weight_step(tx)(w, g, state)
-  np.testing.assert_allclose(virtual["a"], w["a"] + updates["a"], rtol=1e-6)
+  step = search_lib.virtual_weight_step(config, schedule)
+  xi = schedule(1)
+  assert float(xi) < 0.2
+  np.testing.assert_allclose(step(w, g, state)["a"], w["a"] - xi * (0.9 * buffer + g["a"] + 0.01 * w["a"]),
+                             rtol=1e-6)
+  jacobian = jax.jacobian(lambda g: step(w, {"a": g}, state)["a"])(g["a"])
+  np.testing.assert_allclose(jacobian, -xi * np.eye(3), rtol=1e-6)

@@ -157,9 +157,24 @@ def test_drnas_sample_is_differentiable_in_the_concentration():
   state = strategy.init(logits)
   grad = jax.grad(lambda a: strategy.mixture({"a": a}, state, jax.random.key(0))["a"][0])(logits["a"])
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-  # Mean of many samples is the Dirichlet mean conc / sum(conc).
+  # Mean of many samples is the Dirichlet mean conc / sum(conc), conc = elu(alpha) + 1.
   samples = jax.vmap(lambda k: strategy.mixture(logits, state, k)["a"])(jax.random.split(jax.random.key(1), 4000))
-  np.testing.assert_allclose(samples.mean(0), strategy.probs(logits, state)["a"], atol=0.02)
+  conc = jax.nn.elu(logits["a"]) + 1
+  np.testing.assert_allclose(samples.mean(0), conc / conc.sum(), atol=0.02)
+  # What is derived and logged is softmax(alpha), as in DrNAS's code.
+  np.testing.assert_allclose(strategy.probs(logits, state)["a"], jax.nn.softmax(logits["a"]), rtol=1e-6)
+
+
+def test_drnas_concentration_stays_positive_and_its_gradient_finite_for_very_negative_logits():
+  alpha = np.array([-10.0, -1.0, -1e-3, 0.0, 2.0])
+  np.testing.assert_allclose(concentration(jnp.asarray(alpha)), np.where(alpha > 0, alpha, np.expm1(alpha)) + 1,
+                             rtol=1e-6)
+  assert np.all(concentration(jnp.array([-30.0, -18.0])) > 0)
+  strategy = make("drnas")
+  logits = {"a": jnp.array([-18.0, 0.0, 0.5])}  # elu(-18) + 1 rounds to 0 in float32
+  grad = jax.grad(lambda a: strategy.mixture({"a": a}, strategy.init(logits), jax.random.key(0))["a"][1])(
+      logits["a"])
+  assert np.all(np.isfinite(grad))
 
 
 def test_dirichlet_kl_matches_monte_carlo():

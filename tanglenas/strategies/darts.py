@@ -51,10 +51,9 @@ def darts(config: Config, **unused: Any) -> Strategy:
 
 
 def darts2(config: Config, **unused: Any) -> Strategy:
-  """Second-order DARTS: the architecture gradient is d/d alpha L_val(w'(alpha), alpha) with w'(alpha) the
-  step the run's weight optimizer would take from w with grad_w L_train(w, alpha) (`search.virtual_weight_step`;
-  DARTS's w - xi * grad when plain SGD, while under Nesterov momentum the gradient enters scaled by
-  xi * (1 + momentum)); the search loop computes it with `unrolled_value_and_grad`."""
+  """Second-order DARTS: the architecture gradient is d/d alpha L_val(w'(alpha), alpha) with w'(alpha) DARTS's
+  virtual step from w along grad_w L_train(w, alpha) (`search.virtual_weight_step`: w - xi * (momentum * buffer
+  + grad + weight_decay * w)); the search loop computes it exactly with `unrolled_value_and_grad`."""
   del unused
   relax = per_decision(_mixture_function(config))
   return gradient_strategy(config, lambda logits, state, key: relax(logits), relax, unrolled=True)

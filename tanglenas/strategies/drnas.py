@@ -19,8 +19,11 @@ from tanglenas.strategies.base import ArchState, Logits, Mixture, Strategy, deci
 
 
 def concentration(alpha: jax.Array) -> jax.Array:
-  """DrNAS's Dirichlet concentration elu(alpha) + 1: positive, and 1 (uniform) at alpha = 0."""
-  return jax.nn.elu(alpha) + 1.0
+  """DrNAS's Dirichlet concentration elu(alpha) + 1: positive, and 1 (uniform) at alpha = 0.
+
+  Written as exp(alpha) below 0, which it equals: elu(alpha) + 1 rounds to 0 in float32 below about -17,
+  where the Dirichlet sample's gradient becomes NaN."""
+  return jnp.where(alpha > 0, alpha + 1.0, jnp.exp(jnp.minimum(alpha, 0.0)))
 
 
 def dirichlet_kl(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -42,8 +45,9 @@ def drnas(config: Config, **unused: Any) -> Strategy:
     return {name: jax.random.dirichlet(keys[name], concentration(a)) for name, a in logits.items()}
 
   def probs(logits: Logits, state: ArchState) -> Mixture:
-    """The Dirichlet mean, conc / sum(conc)."""
-    return {name: concentration(a) / jnp.sum(concentration(a)) for name, a in logits.items()}
+    """softmax(alpha), what DrNAS's code derives its genotype from and logs (not the Dirichlet mean: the two
+    agree on each decision's argmax, but not on how the DARTS space ranks edges across decisions)."""
+    return {name: jax.nn.softmax(a) for name, a in logits.items()}
 
   def regularizer(logits: Logits, state: ArchState) -> jax.Array:
     kl = sum(dirichlet_kl(concentration(a), jnp.ones_like(a)) for a in logits.values())
