@@ -139,33 +139,58 @@ def load_run_config(run_dir: str | Path) -> Config:
   return Config(**{k: v for k, v in values.items() if k in hints})
 
 
-def load_supernet(run_dir: str | Path, config: Config | None = None):
-  """`(run, supernet)`: a run's static parts and its supernet at its newest checkpoint (in eval mode)."""
+def load_search_state(run_dir: str | Path, config: Config | None = None):
+  """`(run, state)`: a run's static parts and its search state at its newest checkpoint (with gradient
+  matching, every leaf slot)."""
   from tanglenas.checkpoint import Checkpointer
-  from tanglenas.search import build_run, init_state, supernet_of
+  from tanglenas.search import build_run, init_state
 
   config = config or load_run_config(run_dir)
   run, model = build_run(config)
   with Checkpointer(Path(run_dir) / "checkpoints") as checkpointer:
     state, _, _ = checkpointer.restore(init_state(run, model))
+  return run, state
+
+
+def load_supernet(run_dir: str | Path, config: Config | None = None):
+  """`(run, supernet)`: a run's static parts and its supernet at its newest checkpoint (in eval mode); with
+  gradient matching, the leaf the finished search chose."""
+  from tanglenas.samplers import gm
+  from tanglenas.search import supernet_of
+
+  run, state = load_search_state(run_dir, config)
+  if run.config.sampler == "gm":
+    state = gm.leaf(state, _summary_entry(run_dir, "gm_leaf"))
   return run, supernet_of(run, state)
 
 
 def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int) -> dict:
   """Score benchmark architectures by the run's supernet (one-hot validation accuracy, on the run's
-  `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more) against `table`."""
+  `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more) against `table`.
+  With gradient matching, each architecture is scored on the leaf whose choices hold it (few-shot NAS)."""
   from tanglenas.benchmarks import ranking_report
   from tanglenas.evaluate import SupernetScorer
+  from tanglenas.samplers import gm
+  from tanglenas.search import supernet_of
 
-  run, supernet = load_supernet(run_dir, config)
+  run, state = load_search_state(run_dir, config)
   keys = table.keys()
   if len(keys) > architectures:
     keys = [keys[i] for i in np.random.default_rng(config.seed).choice(len(keys), architectures, replace=False)]
   batch, needed = config.batch_size, config.spos_eval_batches + config.spos_recalibrate_batches
   batches = [run.val_iter.batch_from_indices(np.arange(i * batch, (i + 1) * batch))[:2] for i in range(needed)]
-  scorer = SupernetScorer(run.space, supernet, batches[:config.spos_eval_batches],
-                          recalibration_batches=batches[config.spos_eval_batches:] or None)
-  scores = {key: scorer(run.space.parse(key)) for key in keys}
+  leaves = ([(allowed, supernet) for _, allowed, supernet in gm.leaf_supernets(run, state)]
+            if config.sampler == "gm" else [(None, supernet_of(run, state))])
+  scorers = [(allowed, SupernetScorer(run.space, supernet, batches[:config.spos_eval_batches],
+                                      recalibration_batches=batches[config.spos_eval_batches:] or None))
+             for allowed, supernet in leaves]
+
+  def score(genotype) -> float:
+    choices = run.space.index_map(genotype)
+    return next(scorer for allowed, scorer in scorers
+                if allowed is None or all(allowed[name][i] for name, i in choices.items()))(genotype)
+
+  scores = {key: score(run.space.parse(key)) for key in keys}
   return {"genotypes": keys, "scores": list(scores.values()), "accuracies": [table.accuracy(k) for k in keys],
           "score_name": "supernet one-hot validation accuracy", **ranking_report(scores, table)}
 
@@ -193,11 +218,16 @@ def _space(config: Config):
 
 
 def _derived_genotype(run_dir: str) -> str:
-  genotype = read_summary(run_dir).get("genotype")
-  if not genotype:
+  return _summary_entry(run_dir, "genotype")
+
+
+def _summary_entry(run_dir: str | Path, key: str):
+  """What a finished search wrote into summary.json under `key` (its architecture, GM's chosen leaf)."""
+  value = read_summary(run_dir).get(key)
+  if value is None or value == "":
     raise ValueError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
                      "e.g. tanglenas search ... --resume")
-  return genotype
+  return value
 
 
 def _latest_checkpoint(run_dir: str) -> None:

@@ -169,8 +169,34 @@ def test_identical_choices_are_at_distance_zero_and_the_planted_split_is_found()
   assert d[0, 2] > 0.1
   split = gm.choose_split(distances, {"op": np.ones(4)})
   np.testing.assert_array_equal(split.masks[0], [1, 1, 0, 0])
-  # the decision's own weight and the classifier are left out, the shared weight kept
-  assert [float(np.max(m)) for m in include["op"]] == [0.0, 0.0, 0.0, 1.0]  # fc bias, fc kernel, op, shared
+  # the classifier is left out; the op weight, which every choice uses whole, is shared like `shared`
+  assert [float(np.max(m)) for m in include["op"]] == [0.0, 0.0, 1.0, 1.0]  # fc bias, fc kernel, op, shared
+
+
+def test_include_masks_keep_the_part_every_choice_uses_under_weight_entanglement():
+  """Tiny space, `we`: the kernel decision's shared part of the 5x5 super-kernel is the 1x1 centre (kernels 1,
+  3, 5); the width decision's is the first 4 of 8 channels (widths 4, 8). Under `ws` nothing of a decision's
+  own weights is shared."""
+  for mode in ("we", "ws"):
+    model = TINY_SPACE.supernet(mode=mode, rngs=nnx.Rngs(0))
+    weights = nnx.state(model, nnx.Param)
+    include = gm.include_masks(TINY_SPACE, model, weights)
+    paths = [p for p, _ in nnx.to_flat_state(weights)]
+    for name, arrays in include.items():
+      own = {c.path for c in TINY_SPACE.choice_masks(model) if c.decision == name}
+      for path, keep in zip(paths, arrays):
+        if path[0] == "fc":  # the top-level linear classifier is left out
+          assert not keep.any(), (mode, name, path)
+        elif path not in own:
+          assert keep.all(), (mode, name, path)
+        elif mode == "ws":
+          assert not keep.any(), (mode, name, path)
+        elif name == "kernel":  # conv kernel [5, 5, 1, 8]
+          expected = np.zeros(keep.shape)
+          expected[2, 2] = 1
+          np.testing.assert_array_equal(keep, expected)
+        else:  # width, conv kernel: the first 4 output channels
+          assert keep[..., :4].all() and not keep[..., 4:].any(), (mode, name, path)
 
 
 def test_include_masks_leave_out_the_decisions_own_weights_and_the_classifier_on_the_toy_cell():
@@ -190,13 +216,20 @@ def test_include_masks_leave_out_the_decisions_own_weights_and_the_classifier_on
 
 
 OUTSIDE_CELLS = [("nb201", dict(channels=2, cells=1), ("stem", "stem_bn", "last_bn", "classifier")),
-                 ("darts", dict(layers=2, channels=2), ("stem", "stem_bn", "classifier"))]
+                 ("darts", dict(layers=2, channels=2), ("stem", "stem_bn", "classifier")),
+                 ("toy_macro", {}, ("fcs", "head")),
+                 ("autoformer", dict(preset="tiny"), ("patch_embed", "pos_embed", "cls_token", "norm", "head")),
+                 ("mobilenetv3", dict(preset="tiny"), ("stem", "stem_bn", "first_block", "final_expand", "final_bn",
+                                                       "feature_mix", "classifier")),
+                 ("nanogpt", dict(preset="tiny"), ("wte", "wpe", "ln_f")),
+                 ("nanogpt", dict(preset="tiny", tie_weights=False), ("wte", "wpe", "ln_f", "lm_head"))]
 
 
-@pytest.mark.parametrize("name, options, outside", OUTSIDE_CELLS)
+@pytest.mark.parametrize("name, options, outside", OUTSIDE_CELLS, ids=[f"{n}{o}" for n, o, _ in OUTSIDE_CELLS])
 def test_gradient_matching_leaves_out_everything_outside_the_cells(name, options, outside):
   """GM-NAS matches gradients of the cells' shared weights only: the stem's batch norm and the last one too
-  are left out, not just the stem conv and the classifier."""
+  are left out, not just the stem conv and the classifier; in transformers the embeddings, the final norm and
+  the head (every one entangled layers, not plain `nnx.Linear`s)."""
   space = get_space(name, **options)
   supernet = nnx.eval_shape(lambda: space.supernet(rngs=nnx.Rngs(0)))  # the structure is enough
   assert sorted(space.gm_excluded(supernet)) == sorted(outside)
@@ -359,6 +392,41 @@ def test_search_with_splits_resumes_exactly(tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(again.supernet, nnx.Param)),
                   jax.tree.leaves(nnx.state(resumed.supernet, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_evaluate_and_rank_read_a_gm_run_leaf_by_leaf(tmp_path, monkeypatch):
+  """`evaluate` takes the supernet of the leaf the search chose; `rank` scores each architecture on the leaf
+  whose choices hold it."""
+  from tanglenas import commands
+  from tanglenas.benchmarks import TabularBenchmark
+  from tanglenas.evaluate import SupernetScorer
+  from tanglenas.spaces import SPACES
+
+  monkeypatch.setitem(SPACES._factories, "tiny", TinySpace)
+  config = TINY.replace(strategy="darts")
+  result = search(config, tmp_path, space=TINY_SPACE)
+  _, supernet = commands.load_supernet(tmp_path)
+  for a, b in zip(jax.tree.leaves(nnx.state(supernet, nnx.Param)), jax.tree.leaves(nnx.state(result.supernet,
+                                                                                          nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  keys = [g.text for g in TINY_SPACE.enumerate()]
+  table = TabularBenchmark({k: {"test_acc": float(i), "train_acc": float(i)} for i, k in enumerate(keys)},
+                           space="tiny")
+  ranking = commands.rank_architectures(tmp_path, config, table, architectures=len(keys))
+  run, state = commands.load_search_state(tmp_path)
+  batches = [run.val_iter.batch_from_indices(np.arange(i * 16, (i + 1) * 16))[:2] for i in range(4)]
+  leaves = gm.leaf_supernets(run, state)
+  assert len(leaves) == 2
+  own, other = {}, {}
+  for _, allowed, leaf_supernet in leaves:
+    scorer = SupernetScorer(TINY_SPACE, leaf_supernet, batches)
+    for key in keys:
+      choices = TINY_SPACE.index_map(TINY_SPACE.parse(key))
+      holds = all(allowed[name][i] for name, i in choices.items())
+      (own if holds else other)[key] = scorer(TINY_SPACE.parse(key))
+  assert sorted(own) == sorted(keys) == sorted(other)  # every architecture lies in exactly one leaf
+  assert dict(zip(ranking["genotypes"], ranking["scores"])) == own
+  assert own != other
 
 
 def test_config_rules():

@@ -3,8 +3,9 @@
 "Generalizing Few-Shot NAS with Gradient Matching" trains a supernet, then splits it into sub-supernets
 ("leaves") along the decision whose choices pull the shared weights in the most different directions:
 - Score: for a decision d, force it to each choice k in turn (the other decisions mixed as the strategy
-  mixes them) and take the gradient g_k of the training loss with respect to the shared weights: every
-  weight except d's own (the parts its choice masks cover) and the stem/classifier (`Space.gm_excluded`).
+  mixes them) and take the gradient g_k of the training loss with respect to the shared weights: those every
+  choice of d uses (not d's own weights under weight sharing; under weight entanglement the part of them
+  common to all choices stays in, e.g. a kernel's centre), minus the stem/classifier (`Space.gm_excluded`).
   The distance of two choices is D_kl = 1 - cos(g_k, g_l), averaged over R batches (`Config.gm_batches`;
   the paper uses R = 100).
 - Partition: for every unsplit decision, the bipartition of its choices with the smallest sum of
@@ -30,8 +31,10 @@ exactly 0) and the mixture is renormalized over the allowed choices; strategies 
 As in the authors' code (github.com/skhu101/GM-NAS, WS-GM/sota/cnn/train_search_ws.py), both groups of a
 split hold at least two choices (`MIN_GROUP`; decisions of 2 or 3 choices, where that code has no split, allow
 one), distance matrices are averaged over R batches, and every sub-supernet splits at each split epoch.
-The difference: there, among edges the one whose best partition has the smallest within-group distance sum
+The differences: there, among edges the one whose best partition has the smallest within-group distance sum
 is split; here, the one with the largest mean distance across its cut, where the candidates disagree most.
+And there, in DARTS mode, the forced choice keeps its architecture weight on its edge (weight 1 only in its
+random-sampling mode); here it gets weight 1, so every strategy measures the same one-hot path.
 """
 
 from __future__ import annotations
@@ -302,13 +305,15 @@ def leaf_probs(probs: Mapping[str, Any], leaf: int) -> dict[str, np.ndarray]:
 # --- gradient-matching scores -------------------------------------------------------------------------------
 def include_masks(space: Space, supernet: nnx.Module, weights: nnx.State) -> dict[str, list[np.ndarray]]:
   """Per decision, one 0/1 array per leaf of `weights` (flattening order): 1 where the weight is shared,
-  0 on the decision's own weights (any choice's mask covers them) and on `space.gm_excluded(supernet)`."""
+  that is used by every choice of the decision; 0 on weights only some of its choices use and on
+  `space.gm_excluded(supernet)`. Under weight sharing a decision's own weights are all left out; under weight
+  entanglement the part common to all its choices (a kernel's centre, a width's first channels) stays in."""
   excluded = set(space.gm_excluded(supernet))
-  covered: dict[str, dict[tuple, np.ndarray]] = {d.name: {} for d in space.decisions}
+  shared_by_all: dict[str, dict[tuple, np.ndarray]] = {d.name: {} for d in space.decisions}
   for choice in space.choice_masks(supernet):
-    union = np.max(np.asarray(choice.masks) > 0, axis=0)
-    previous = covered[choice.decision].get(choice.path)
-    covered[choice.decision][choice.path] = union if previous is None else previous | union
+    common = np.min(np.asarray(choice.masks) > 0, axis=0)
+    previous = shared_by_all[choice.decision].get(choice.path)
+    shared_by_all[choice.decision][choice.path] = common if previous is None else previous & common
   paths = [tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path if not _is_value_key(k))
            for path, _ in jax.tree_util.tree_flatten_with_path(weights)[0]]
   shapes = [np.shape(leaf) for leaf in jax.tree.leaves(weights)]
@@ -317,8 +322,8 @@ def include_masks(space: Space, supernet: nnx.Module, weights: nnx.State) -> dic
     arrays = []
     for path, shape in zip(paths, shapes):
       keep = np.zeros(shape, np.float32) if path[0] in excluded else np.ones(shape, np.float32)
-      if path in covered[d.name]:
-        keep = keep * np.broadcast_to(~covered[d.name][path], shape)
+      if path in shared_by_all[d.name]:
+        keep = keep * np.broadcast_to(shared_by_all[d.name][path], shape)
       arrays.append(keep)
     result[d.name] = arrays
   return result
@@ -472,15 +477,13 @@ def best_leaf(run: Any, state: Any) -> LeafChoice:
   its one-hot path on the leaf's supernet (the first `spos_eval_batches` validation batches, batch norm
   re-estimated on `spos_recalibrate_batches` more)."""
   from tanglenas.evaluate import SupernetScorer
-  from tanglenas.search import supernet_of
 
   space, config = run.space, run.config
   eval_batches, recalibration = _validation_batches(run)
   found: dict[int, tuple[Genotype, float]] = {}
-  for slot in active_leaves(state):
+  for slot, masks, supernet in leaf_supernets(run, state):
     current = leaf(state, slot)
-    scorer = SupernetScorer(space, supernet_of(run, current), eval_batches, recalibration_batches=recalibration)
-    masks = {name: np.asarray(m) > 0 for name, m in jax.device_get(current.strategy.masks).items()}
+    scorer = SupernetScorer(space, supernet, eval_batches, recalibration_batches=recalibration)
     if run.strategy.learns_arch:
       candidates = [space.derive(jax.device_get(run.strategy.probs(current.logits, current.strategy)))]
     else:
@@ -489,6 +492,18 @@ def best_leaf(run: Any, state: Any) -> LeafChoice:
     found[slot] = (best, scorer(best))
   slot = max(found, key=lambda s: found[s][1])
   return LeafChoice(slot, found[slot][0], {s: (g.text, acc) for s, (g, acc) in found.items()})
+
+
+def leaf_supernets(run: Any, state: Any) -> list[tuple[int, dict[str, np.ndarray], nnx.Module]]:
+  """`(slot, allowed choices {decision: bool[K]}, supernet)` of every active leaf of a stacked state."""
+  from tanglenas.search import supernet_of
+
+  result = []
+  for slot in active_leaves(state):
+    current = leaf(state, slot)
+    allowed = {name: np.asarray(m) > 0 for name, m in jax.device_get(current.strategy.masks).items()}
+    result.append((slot, allowed, supernet_of(run, current)))
+  return result
 
 
 def every_leaf(fn: Callable) -> Callable:

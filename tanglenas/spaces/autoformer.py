@@ -208,6 +208,7 @@ class AutoFormerSpace(TransformerSpace):
   weights; the embedding width stays a shared prefix (see tanglenas/nn/attention.py)."""
 
   name = "autoformer"
+  outside_cells = ("patch_embed", "pos_embed", "cls_token", "norm", "head")
 
   def __init__(self, preset: str = "paper", *, num_classes: int = 10, dropout: float = 0.0,
                image_size: int | None = None, channels: int | None = None, patch: int | None = None):

@@ -52,6 +52,8 @@ class Space(abc.ABC):
   num_classes: int
   dataset: str  # default dataset of the space: "fashion_mnist", "cifar10" or "text"
   task: str = "classification"  # or "language_model": [B, T] tokens to [B, T, V] next-token logits
+  # Top-level attributes outside the searched cells or blocks (stem, embeddings, classifier).
+  outside_cells: tuple[str, ...] = ("stem", "stem_bn", "last_bn", "classifier", "head")
 
   # --- architectures -------------------------------------------------------------------------------
   @abc.abstractmethod
@@ -112,13 +114,9 @@ class Space(abc.ABC):
 
   def gm_excluded(self, supernet: nnx.Module) -> tuple[str, ...]:
     """Top-level attributes whose weights gradient matching leaves out: those outside the cells, the stem and
-    the classifier (Hu et al., ICLR 2022). Default: children named stem/stem_bn/last_bn/classifier/head and
-    every top-level `nnx.Linear`."""
+    the classifier (Hu et al., ICLR 2022): `outside_cells` and every top-level `nnx.Linear`."""
     return tuple(name for name, child in nnx.iter_children(supernet)
-                 if name in _OUTSIDE_CELLS or isinstance(child, nnx.Linear))
-
-
-_OUTSIDE_CELLS = ("stem", "stem_bn", "last_bn", "classifier", "head")
+                 if name in self.outside_cells or isinstance(child, nnx.Linear))
 
 
 def count_params(module: nnx.Module) -> int:

@@ -231,6 +231,7 @@ class MobileNetV3Space(DepthGated, Space):
   preset's); `dropout` before the classifier; `impl`, the depthwise-conv formulation (tanglenas.nn.conv)."""
 
   name = "mobilenetv3"
+  outside_cells = ("stem", "stem_bn", "first_block", "final_expand", "final_bn", "feature_mix", "classifier")
 
   def __init__(self, preset: str = "paper", *, image_size: int | None = None, num_classes: int | None = None,
                dropout: float = 0.1, impl: str = "auto"):

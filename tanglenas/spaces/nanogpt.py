@@ -96,6 +96,7 @@ class NanoGPTSpace(TransformerSpace):
   name = "nanogpt"
   dataset = "text"
   task = "language_model"
+  outside_cells = ("wte", "wpe", "ln_f", "lm_head")
 
   def __init__(self, preset: str = "paper", *, vocab_size: int | None = None, block_size: int | None = None,
                dropout: float | None = None, tie_weights: bool = True, use_bias: bool = True):

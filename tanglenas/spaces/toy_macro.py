@@ -105,6 +105,7 @@ class ToyMacroSpace(Space):
   """The toy convolutional macro space (TangleNAS, Table 1's "Toy conv macro" benchmark)."""
 
   name = "toy_macro"
+  outside_cells = ("fcs", "head")
   num_classes = 10
   dataset = "cifar10"
   input_shape = (32, 32, 3)
