@@ -73,8 +73,9 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
   Args:
     val_loss: `(weights, logits) -> (loss, aux)`, the validation loss (plus any regularizer).
     train_loss: `(weights, logits) -> (loss, aux)`, the training loss the virtual step descends.
-    virtual_step: `(weights, grads) -> weights'`, one weight-optimizer step taken with `grads`; it is
-      differentiated through, so the mixed second derivative d^2 L_train / d w d alpha enters exactly.
+    virtual_step: `(weights, grads) -> weights'`, the virtual weight step taken with `grads` (DARTS's:
+      `search.virtual_weight_step`); it is differentiated through, so the mixed second derivative
+      d^2 L_train / d w d alpha enters exactly.
     weights: the current weights (any pytree).
     logits: the architecture logits.
 
