@@ -155,15 +155,16 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
     (x_train, y_train, _), (x_val, y_val) = train, val
     k_val, k_train = jax.random.split(key)
 
-    def val_loss(weights, logits):
+    def val_loss(weights, logits, rest=state.rest):
       mixture = strategy.mixture(logits, state.strategy, k_val)
-      loss, (rest, out, _) = forward(weights, state.rest, mixture, x_val, y_val)
+      loss, (rest, out, _) = forward(weights, rest, mixture, x_val, y_val)
       return loss + strategy.regularizer(logits, state.strategy), (rest, loss, out)
 
     if strategy.unrolled:
-      def train_loss(weights, logits):
+      def train_loss(weights, logits):  # its batch statistics and RNG state go on to the validation pass
         mixture = strategy.mixture(logits, state.strategy, k_train)
-        return forward(weights, state.rest, mixture, x_train, y_train)[0], None
+        loss, (rest, _, _) = forward(weights, state.rest, mixture, x_train, y_train)
+        return loss, rest
 
       step_weights = lambda w, g: virtual_step(w, g, state.weight_opt)
       (_, (rest, val_ce, out)), grads = unrolled_value_and_grad(val_loss, train_loss, step_weights, state.weights,

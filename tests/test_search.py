@@ -249,6 +249,23 @@ def test_two_devices_match_one(reference, tmp_path):
                              np.concatenate([reference.probs[d.name] for d in SPACE.decisions]), rtol=1e-4)
 
 
+def test_darts2_validation_pass_continues_the_training_passs_rng():
+  """The unrolled architecture step's training pass hands its RNG state (and batch statistics) on, so that the
+  validation pass draws its own dropout masks: the step advances the dropout stream twice as far as
+  first-order darts's."""
+  after = {}
+  for strategy in ("darts", "darts2"):
+    run, model = search_lib.build_run(TINY.replace(strategy=strategy), space=SPACE)
+    state = search_lib.init_state(run, model)
+    train, val = next(run.train_iter), next(run.val_iter)
+    new, _ = jax.jit(search_lib.make_arch_step(run))(state, train, val[:2], jax.random.key(0))
+    counts = [int(x) for x in jax.tree.leaves(nnx.State(new.rest).filter(nnx.RngCount))]
+    start = [int(x) for x in jax.tree.leaves(nnx.State(state.rest).filter(nnx.RngCount))]
+    after[strategy] = [b - a for a, b in zip(start, counts)]
+  assert all(n > 0 for n in after["darts"])
+  assert after["darts2"] == [2 * n for n in after["darts"]]
+
+
 # --- the toy cell end to end ------------------------------------------------------------------------------------
 TOY = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epochs=1, batch_size=16, log_every=3,
              wandb_mode="disabled", quiet=True, spos_eval_batches=2, spos_candidates=3)

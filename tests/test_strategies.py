@@ -204,21 +204,21 @@ def test_unrolled_gradient_matches_finite_differences():
       mixed = jnp.einsum("k,nkd->nd", jax.nn.softmax(alpha["a"]), x)
       return jnp.mean((jnp.tanh(mixed @ w["v"]) + w["b"] - y) ** 2), None
 
-    train = lambda w, a: loss(w, a, x_tr, y_tr)
-    val = lambda w, a: loss(w, a, x_va, y_va)
+    train = lambda w, a: (loss(w, a, x_tr, y_tr)[0], y_va)  # its aux reaches the validation loss
+    val = lambda w, a, targets: loss(w, a, x_va, targets)
     step = lambda w, g: jax.tree.map(lambda p, gi, m: p - xi * (momentum * m + gi + wd * p), w, g, buf)
     (value, _), grad = unrolled_value_and_grad(val, train, step, w0, alpha0)
 
     def objective(a):
       g = jax.grad(lambda w: train(w, {"a": a})[0])(w0)
-      return val(step(w0, g), {"a": a})[0]
+      return val(step(w0, g), {"a": a}, y_va)[0]
 
     np.testing.assert_allclose(value, objective(alpha0["a"]), rtol=1e-12)
     eps = 1e-5
     fd = [(objective(alpha0["a"] + eps * e) - objective(alpha0["a"] - eps * e)) / (2 * eps) for e in np.eye(3)]
     np.testing.assert_allclose(grad["a"], fd, rtol=1e-6, atol=1e-9)
     # ... and differs from the first-order gradient, so the second-order term is really there.
-    first = jax.grad(lambda a: val(w0, a)[0])(alpha0)["a"]
+    first = jax.grad(lambda a: val(w0, a, y_va)[0])(alpha0)["a"]
     assert np.max(np.abs(np.asarray(first) - np.asarray(grad["a"]))) > 1e-3
 
 
@@ -257,7 +257,7 @@ def test_learns_the_only_fitting_choice(name):
   def search_step(w, logits, state, key):
     k_arch, k_weight = jax.random.split(key)
 
-    def val_loss(w, logits):
+    def val_loss(w, logits, train_aux=None):
       return mse(w, strategy.mixture(logits, state, k_arch)["op"], x_va, y_va), None
 
     def train_loss(w, logits):

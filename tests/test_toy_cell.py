@@ -261,7 +261,7 @@ def test_darts2_forward_over_reverse_equals_reverse_over_reverse_on_an_edge():
   logits = {"edge": jnp.array([0.3, -0.2, 0.1, 0.4])}
 
   def loss(x, r):
-    def fn(weights, logits):
+    def fn(weights, logits, train_aux=None):
       out = nnx.merge(graphdef, weights, rest, copy=True)(x, jax.nn.softmax(logits["edge"]))
       return jnp.mean(jnp.sin(out * r)), None
     return fn

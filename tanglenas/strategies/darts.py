@@ -71,7 +71,9 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
   (`benchmarks/search_step.py --strategies darts,darts2`).
 
   Args:
-    val_loss: `(weights, logits) -> (loss, aux)`, the validation loss (plus any regularizer).
+    val_loss: `(weights, logits, train_aux) -> (loss, aux)`, the validation loss (plus any regularizer);
+      `train_aux` is the training pass's aux (the search loop's batch statistics and RNG state, so that the
+      validation pass draws its own dropout masks).
     train_loss: `(weights, logits) -> (loss, aux)`, the training loss the virtual step descends.
     virtual_step: `(weights, grads) -> weights'`, the virtual weight step taken with `grads` (DARTS's:
       `search.virtual_weight_step`); it is differentiated through, so the mixed second derivative
@@ -84,11 +86,11 @@ def unrolled_value_and_grad(val_loss: Callable, train_loss: Callable, virtual_st
     validation loss's at the virtual weights.
   """
   def train_grads(at_weights):
-    return jax.grad(train_loss, argnums=(0, 1), has_aux=True)(at_weights, logits)[0]
+    return jax.grad(train_loss, argnums=(0, 1), has_aux=True)(at_weights, logits)
 
-  (weight_grads, _), train_grads_along = jax.linearize(train_grads, weights)
+  (weight_grads, _), train_grads_along, train_aux = jax.linearize(train_grads, weights, has_aux=True)
   virtual_weights, step_vjp = jax.vjp(lambda grads: virtual_step(weights, grads), weight_grads)
   value, (val_weight_grads, val_logit_grads) = jax.value_and_grad(val_loss, argnums=(0, 1), has_aux=True)(
-      virtual_weights, logits)
+      virtual_weights, logits, train_aux)
   (direction,) = step_vjp(val_weight_grads)
   return value, jax.tree.map(jnp.add, val_logit_grads, train_grads_along(direction)[1])
