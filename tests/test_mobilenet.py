@@ -122,6 +122,23 @@ def test_choice_masks_cover_gradients(space, supernet, images):
   assert_choice_masks_cover_gradients(space, supernet, random_genotypes(space, 1, seed=2)[0], images)
 
 
+def test_channels_beyond_the_chosen_expansion_keep_their_batch_norm_statistics():
+  """A narrower expansion feeds zeros to the norms' channels beyond its width; those keep their statistics
+  (the widest path's), the chosen ones move."""
+  block = training_mode(MBConvBlock(8, 8, kernel_sizes=(3,), expand_ratios=(3, 6), stride=1, activation="relu",
+                                    use_se=False, impl="lax", rngs=fast_rngs(1)))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8)) * 2 + 1
+  step = nnx.jit(lambda block, expand: block(x, expand=expand))
+  step(block, jnp.array([0.0, 1.0]))  # ratio 6: every channel's statistics move
+  norms = (block.expand_bn, block.depthwise_bn)
+  widest = [(np.asarray(n.mean[...]), np.asarray(n.var[...])) for n in norms]
+  step(block, jnp.array([1.0, 0.0]))  # ratio 3: the first 24 of 48 channels
+  for norm, (mean, var) in zip(norms, widest):
+    np.testing.assert_array_equal(norm.mean[...][24:], mean[24:])
+    np.testing.assert_array_equal(norm.var[...][24:], var[24:])
+    assert not np.allclose(norm.var[...][:24], var[:24])
+
+
 def test_ws_block_is_the_weighted_sum_of_separate_blocks():
   block = training_mode(MBConvBlock(8, 8, kernel_sizes=(3, 5, 7), expand_ratios=(3, 4, 6), stride=1,
                                     activation="h_swish", use_se=True, mode="ws", impl="lax", rngs=fast_rngs(1)))

@@ -127,6 +127,19 @@ def test_conv_family_output_scales_with_its_total_weight():
   np.testing.assert_allclose(no_conv, 0.5 * x + 0.5 * pool_3x3(x, "avg"), rtol=1e-6, atol=1e-6)
 
 
+def test_an_unchosen_conv_keeps_its_batch_norm_statistics():
+  """A one-hot path through skip runs the conv on a zero kernel; its zeros do not decay the BN statistics."""
+  edge = training_mode(EntangledEdge(C, impl="auto", rngs=fast_rngs()))
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, C)) * 2 + 1
+  edge(x, jnp.array([0.0, 0.0, 0.0, 1.0, 0.0]))  # conv 3x3: statistics move
+  moved = (np.asarray(edge.conv.bn.mean[...]), np.asarray(edge.conv.bn.var[...]))
+  assert not np.allclose(moved[1], 1.0)
+  for _ in range(3):
+    edge(x, jnp.array([0.0, 1.0, 0.0, 0.0, 0.0]))  # skip
+  np.testing.assert_array_equal(edge.conv.bn.mean[...], moved[0])
+  np.testing.assert_array_equal(edge.conv.bn.var[...], moved[1])
+
+
 def test_avg_pool_excludes_padding():
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   y = pool_3x3(x, "avg")

@@ -51,6 +51,24 @@ def test_momentum_none_keeps_the_exact_statistics_of_everything_seen():
   np.testing.assert_allclose(norm.var[...], everything.var((0, 1, 2), ddof=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_inactive_channels_keep_their_running_statistics(momentum):
+  """`active` gates the update per channel (and the count with any channel); the output is unchanged."""
+  data = batches([4, 6])
+  gated, free = BatchNorm(3, affine=False, momentum=momentum), BatchNorm(3, affine=False, momentum=momentum)
+  active = jnp.array([True, False, True])
+  for x in data:
+    np.testing.assert_array_equal(gated(jnp.asarray(x), active=active), free(jnp.asarray(x)))
+  for stat in ("mean", "var"):
+    np.testing.assert_array_equal(getattr(gated, stat)[...][active], getattr(free, stat)[...][active])
+  np.testing.assert_array_equal(gated.mean[...][1], 0.0)
+  np.testing.assert_array_equal(gated.var[...][1], 1.0)
+  assert float(gated.count[...]) == float(free.count[...])
+  gated(jnp.asarray(data[0]), active=jnp.array(False))  # a scalar gate: nothing moves, not even the count
+  np.testing.assert_array_equal(gated.mean[...][active], free.mean[...][active])
+  assert float(gated.count[...]) == float(free.count[...])
+
+
 def test_eval_mode_normalizes_with_running_statistics():
   norm = BatchNorm(3, affine=False)
   norm.mean[...], norm.var[...] = jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 1.0, 0.25])

@@ -133,6 +133,25 @@ def test_standalone_equals_the_one_hot_supernet(mode, family_mix):
     train_deterministic(supernet)
 
 
+@pytest.mark.parametrize("family_mix", ["reference", "weighted"])
+def test_the_unchosen_family_keeps_its_batch_norm_statistics(family_mix):
+  """A one-hot path through dil_conv_3x3 runs the sep family on a zero kernel: its batch norms' statistics
+  (from an earlier sep_conv_5x5 step) stay; the dil family's move."""
+  from tanglenas.spaces.toy_cell import EntangledEdge
+
+  edge = EntangledEdge(4, 1, family_mix=family_mix, impl="lax", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 4)) * 3 + 1
+  step = nnx.jit(lambda edge, w: edge(x, w))
+  step(edge, jax.nn.one_hot(1, 4))
+  sep = [(np.asarray(bn.mean[...]), np.asarray(bn.var[...])) for bn in (edge.sep.bn1, edge.sep.bn2)]
+  dil = np.asarray(edge.dil.bn.var[...])
+  step(edge, jax.nn.one_hot(2, 4))
+  for bn, (mean, var) in zip((edge.sep.bn1, edge.sep.bn2), sep):
+    np.testing.assert_array_equal(bn.mean[...], mean)
+    np.testing.assert_array_equal(bn.var[...], var)
+  assert not np.allclose(edge.dil.bn.var[...], dil)
+
+
 def test_return_features_gives_the_input_of_the_last_layer():
   space = get_space("toy_cell", channels=2, impl=FAST_COMPILE)
   model = train_deterministic(space.supernet(rngs=nnx.Rngs(0)))

@@ -16,7 +16,10 @@ class BatchNorm(nnx.Module):
   (flax's BatchNorm keeps the biased one). `momentum=None` keeps the exact mean and unbiased variance of all
   values seen since the statistics were reset (pooled over batches, so batch sizes may differ): what
   recalibration of an extracted network wants. `count` is the number of values per channel seen so far.
-  `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width.
+  `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width. `active` (a bool
+  scalar or [C]) says which channels' running statistics this batch may update: an operation or width a
+  one-hot path does not choose still runs on a zero kernel, and its zeros must not decay the statistics it
+  keeps for the paths that do choose it (the references do not run it at all).
   """
 
   def __init__(self, num_features: int, *, affine: bool = True, momentum: float | None = 0.1,
@@ -29,13 +32,14 @@ class BatchNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((num_features,))) if affine else None
     self.bias = nnx.Param(jnp.zeros((num_features,))) if affine else None
 
-  def __call__(self, x: jax.Array, width_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, width_mask: jax.Array | None = None, *,
+               active: jax.Array | None = None) -> jax.Array:
     axes = tuple(range(x.ndim - 1))
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
       mean, var = _moments(x, axes)
-      self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), x.size // x.shape[-1])
+      self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), x.size // x.shape[-1], active)
     y = (x - _channels_last(mean, x.ndim)) * _channels_last(jax.lax.rsqrt(var + self.epsilon), x.ndim)
     if self.scale is not None:
       y = y * _channels_last(self.scale[...], x.ndim) + _channels_last(self.bias[...], x.ndim)
@@ -43,22 +47,28 @@ class BatchNorm(nnx.Module):
       y = y * _channels_last(width_mask, x.ndim)
     return y
 
-  def _update_running(self, mean: jax.Array, var: jax.Array, n: int) -> None:
-    """Fold one batch's mean and biased variance over `n` values per channel into the running statistics."""
-    # set_value, not `[...] =`: under a trace flax's indexed set asks each tracer for its sharding, whose error
-    # message walks the whole trace, making tracing quadratic in the number of batch norms.
-    seen = self.count[...]
+  def _update_running(self, mean: jax.Array, var: jax.Array, n: int, active: jax.Array | None) -> None:
+    """Fold one batch's mean and biased variance over `n` values per channel into the running statistics of
+    the `active` channels (None: all)."""
+    seen, old_mean, old_var = self.count[...], self.mean[...], self.var[...]
     if self.momentum is None:  # pooled statistics (Chan, Golub & LeVeque 1979), exact over all batches seen
       total = seen + n
-      delta = mean - self.mean[...]
-      squares = self.var[...] * jnp.maximum(seen - 1, 0) + var * n + jnp.square(delta) * (seen * n / total)
-      self.mean.set_value(self.mean[...] + delta * (n / total))
-      self.var.set_value(squares / jnp.maximum(total - 1, 1))
+      delta = mean - old_mean
+      squares = old_var * jnp.maximum(seen - 1, 0) + var * n + jnp.square(delta) * (seen * n / total)
+      new_mean, new_var = old_mean + delta * (n / total), squares / jnp.maximum(total - 1, 1)
     else:
       unbiased = var * (n / max(n - 1, 1))
-      self.mean.set_value((1 - self.momentum) * self.mean[...] + self.momentum * mean)
-      self.var.set_value((1 - self.momentum) * self.var[...] + self.momentum * unbiased)
-    self.count.set_value(seen + n)
+      new_mean = (1 - self.momentum) * old_mean + self.momentum * mean
+      new_var = (1 - self.momentum) * old_var + self.momentum * unbiased
+    new_count = seen + n
+    if active is not None:
+      new_mean, new_var = jnp.where(active, new_mean, old_mean), jnp.where(active, new_var, old_var)
+      new_count = jnp.where(jnp.any(active), new_count, seen)
+    # set_value, not `[...] =`: under a trace flax's indexed set asks each tracer for its sharding, whose error
+    # message walks the whole trace, making tracing quadratic in the number of batch norms.
+    self.mean.set_value(new_mean)
+    self.var.set_value(new_var)
+    self.count.set_value(new_count)
 
   def extract(self, width: int | None = None) -> BatchNorm:
     """The batch norm of the first `width` channels, statistics and affine parameters sliced."""

@@ -96,11 +96,13 @@ class MBConvBlock(nnx.Module):
     else:
       # The expanded channels beyond the chosen width leave each norm as act(bias), not zero; every layer
       # after it masks them out of its weights, which is exact and ~25% cheaper than masking activations.
+      # Those channels (zeros before the norm) keep their running statistics.
       act = ACTIVATIONS[self.activation]
+      chosen = None if expand is None else masks_lib.mix(expand, masks_lib.prefix_masks(self.mids)) > 0
       h = x_NHWC
       if self.expand is not None:
-        h = act(self.expand_bn(self.expand(h, out=expand)))
-      h = act(self.depthwise_bn(self.depthwise(h, kernel=kernel, out=expand)))
+        h = act(self.expand_bn(self.expand(h, out=expand), active=chosen))
+      h = act(self.depthwise_bn(self.depthwise(h, kernel=kernel, out=expand), active=chosen))
       if self.use_se:
         s = jax.nn.relu(self.se_reduce(jnp.mean(h, axis=(1, 2)), in_=expand, out=expand))
         s = jax.nn.hard_sigmoid(self.se_expand(s, in_=expand, out=expand))

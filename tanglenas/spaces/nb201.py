@@ -90,8 +90,8 @@ class ReLUConvBN(nnx.Module):
     self.conv = EntangledConv(c_in, c_out, kernel_sizes, stride=stride, impl=impl, rngs=rngs)
     self.bn = BatchNorm(c_out, affine=affine)
 
-  def __call__(self, x, kernel=None):
-    return self.bn(self.conv(jax.nn.relu(x), kernel=kernel))
+  def __call__(self, x, kernel=None, active=None):
+    return self.bn(self.conv(jax.nn.relu(x), kernel=kernel), active=active)
 
   def extract(self, kernel_index: int | None = None) -> ReLUConvBN:
     new = nnx.eval_shape(lambda: self)  # an abstract copy of the structure, filled below
@@ -115,8 +115,8 @@ class EntangledEdge(nnx.Module):
 
   def __call__(self, x, weights):
     total = weights[2] + weights[3]
-    safe_total = jnp.where(total > 0, total, 1.0)
-    convs = total * self.conv(x, kernel=weights[2:4] / safe_total)
+    active = total > 0  # else the conv runs on a zero kernel: its batch norm keeps its statistics
+    convs = total * self.conv(x, kernel=weights[2:4] / jnp.where(active, total, 1.0), active=active)
     return weights[1] * x + convs + weights[4] * pool_3x3(x, "avg")
 
   def extract(self, op_index: int) -> nnx.Module:

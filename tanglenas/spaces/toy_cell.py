@@ -56,9 +56,9 @@ class SepConv(nnx.Module):
     self.pw2 = _pointwise(c_in, c_out, impl, rngs)
     self.bn2 = BatchNorm(c_out, affine=False)
 
-  def __call__(self, x, kernel=None):
-    x = self.bn1(self.pw1(self.dw1(jax.nn.relu(x), kernel=kernel)))
-    return self.bn2(self.pw2(self.dw2(jax.nn.relu(x), kernel=kernel)))
+  def __call__(self, x, kernel=None, active=None):
+    x = self.bn1(self.pw1(self.dw1(jax.nn.relu(x), kernel=kernel)), active=active)
+    return self.bn2(self.pw2(self.dw2(jax.nn.relu(x), kernel=kernel)), active=active)
 
   def extract(self, kernel_index: int) -> SepConv:
     new = nnx.eval_shape(lambda: self)  # an abstract copy of the structure, filled below
@@ -81,8 +81,8 @@ class DilConv(nnx.Module):
     self.pw = _pointwise(c_in, c_out, impl, rngs)
     self.bn = BatchNorm(c_out, affine=False)
 
-  def __call__(self, x, kernel=None):
-    return self.bn(self.pw(self.dw(jax.nn.relu(x), kernel=kernel)))
+  def __call__(self, x, kernel=None, active=None):
+    return self.bn(self.pw(self.dw(jax.nn.relu(x), kernel=kernel)), active=active)
 
   def extract(self, kernel_index: int) -> DilConv:
     new = nnx.eval_shape(lambda: self)
@@ -108,14 +108,15 @@ class EntangledEdge(nnx.Module):
     out = 0.0
     for family, w in ((self.sep, weights[0:2]), (self.dil, weights[2:4])):
       total = jnp.sum(w)
+      active = total > 0  # a family without weight runs on a zero kernel: its batch norms keep their statistics
       if self.family_mix == "reference":
-        y = family(x, kernel=w)
+        y = family(x, kernel=w, active=active)
         # A family without weight (a one-hot path's other family) has a zero kernel: BN(0) is 0 in training
         # but -mean/std with running statistics. Its value is zeroed, its (reference) gradient kept, so that a
         # one-hot path in eval mode is the extracted network.
         out = out + jnp.where(total > 0, y, y - jax.lax.stop_gradient(y))
       else:
-        out = out + total * family(x, kernel=w / jnp.where(total > 0, total, 1.0))
+        out = out + total * family(x, kernel=w / jnp.where(active, total, 1.0), active=active)
     return out
 
   def extract(self, op_index: int) -> nnx.Module:
