@@ -96,6 +96,9 @@ def test_parse_errors_are_clear(text, message):
 def test_bad_options():
   with pytest.raises(ValueError, match="family_mix"):
     get_space("toy_cell", family_mix="average")
+  with pytest.raises(ValueError, match=r"dropout of 'toy_cell' must lie in \[0, 1\), got 1"):
+    get_space("toy_cell", dropout=1)
+  assert get_space("toy_cell", dropout=0).dropout == 0  # `--space-option dropout=0` reads as an int
 
 
 # --- parameter counts -------------------------------------------------------------------------------------

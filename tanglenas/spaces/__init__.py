@@ -24,12 +24,14 @@ SPACES.register("nanogpt")(NanoGPTSpace)
 
 def get_space(name: str, **options) -> Space:
   factory = SPACES.get(name)
-  for option, value in options.items():  # sizes, counts and shapes: positive integers in every space
-    sizes = value if isinstance(value, (tuple, list)) else (value,)
+  for option, value in options.items():
+    if option == "dropout":  # a rate; `--space-option dropout=0` gives the int 0
+      if isinstance(value, (int, float)) and not 0 <= value < 1:
+        raise ValueError(f"space option dropout of {name!r} must lie in [0, 1), got {value!r}")
+      continue
+    sizes = value if isinstance(value, (tuple, list)) else (value,)  # sizes, counts and shapes: positive integers
     if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in sizes):
       raise ValueError(f"space option {option} of {name!r} must be positive, got {value!r}")
-    if option == "dropout" and isinstance(value, (int, float)) and not 0 <= value < 1:
-      raise ValueError(f"space option dropout of {name!r} must lie in [0, 1), got {value!r}")
   try:
     return factory(**options)
   except TypeError as e:

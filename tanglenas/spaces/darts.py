@@ -25,6 +25,7 @@ reduce_concat=range(2, 6))`, two pairs per node in node order (inputs ascending 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -236,38 +237,48 @@ class DartsSpace(Space):
 
   def derive(self, probs: Mapping[str, Any]) -> Genotype:
     """DARTS's derivation: per node, the two incoming edges whose strongest non-`none` operation is strongest,
-    each with that operation; every other edge becomes `none`."""
-    indices = []
+    each with that operation; every other edge becomes `none`. Its string lists each node's two edges
+    strongest first, as DARTS's `genotype()` prints them."""
+    indices, order = [], {}
     for kind in KINDS:
-      for _, edges in _node_edges():
+      for node, edges in _node_edges():
         p = np.stack([np.asarray(probs[f"{kind}_e{e}"], np.float64) for e in edges])[:, 1:]
         kept = sorted(range(len(edges)), key=lambda j: -p[j].max())[:2]
         indices += [1 + int(np.argmax(p[j])) if j in kept else 0 for j in range(len(edges))]
-    return self.genotype(indices)
+        order[kind, node] = kept
+    return self._genotype(indices, order)
 
   # --- genotype strings, exactly as DARTS prints them ---------------------------------------------------
   def format(self, indices: Sequence[int]) -> str:
+    """The string with each node's two edges in input order (`derive` and `parse` keep another order)."""
+    return self._text(indices, {})
+
+  def _genotype(self, indices: Sequence[int], order: Mapping[tuple[str, int], Sequence[int]]) -> Genotype:
+    """The genotype of `indices` whose string lists node (kind, node)'s edges in `order` (default: by input)."""
+    return dataclasses.replace(self.genotype(indices), text=self._text(indices, order))
+
+  def _text(self, indices: Sequence[int], order: Mapping[tuple[str, int], Sequence[int]]) -> str:
     cells = []
     for k, kind in enumerate(KINDS):
       pairs = []
       for node, edges in _node_edges():
-        kept = [(OPS[indices[k * len(EDGE_INPUTS) + e]], j) for j, e in enumerate(edges)
-                if indices[k * len(EDGE_INPUTS) + e]]
+        kept = {j: OPS[indices[k * len(EDGE_INPUTS) + e]] for j, e in enumerate(edges)
+                if indices[k * len(EDGE_INPUTS) + e]}
         if len(kept) != 2:
           raise ValueError(f"{self.name}: node {node + 2} of the {kind} cell keeps {len(kept)} edges; a DARTS "
                            f"genotype keeps exactly 2 non-'none' edges per node")
-        pairs += kept
+        pairs += [(kept[j], j) for j in order.get((kind, node), sorted(kept))]
       cells.append(f"{kind}={pairs}, {kind}_concat={_CONCAT}")
     return f"Genotype({', '.join(cells)})"
 
   def parse(self, text: str) -> Genotype:
-    """Inverse of `format`; also reads DARTS's hand-written genotypes (`[2, 3, 4, 5]` concat, any pair order
-    within a node)."""
+    """Inverse of `str(genotype)`, keeping each node's pair order; also reads DARTS's hand-written genotypes
+    (their `[2, 3, 4, 5]` concat is written back as `range(2, 6)`, as DARTS's `genotype()` prints it)."""
     match = _STRING.fullmatch(text.strip())
     if match is None or any(match.group(g).replace(" ", "") not in ("range(2,6)", "[2,3,4,5]") for g in (2, 4)):
       raise ValueError(f"{self.name}: not a DARTS genotype string 'Genotype(normal=[...], normal_concat=range(2, 6), "
                        f"reduce=[...], reduce_concat=range(2, 6))': {text[:100]!r}")
-    indices = []
+    indices, order = [], {}
     for kind, group in zip(KINDS, (1, 3)):
       pairs = _literal_pairs(match.group(group))
       if pairs is None or len(pairs) != 2 * STEPS:
@@ -281,7 +292,8 @@ class DartsSpace(Space):
                              f"0..{len(edges) - 1} with ops from {OPS[1:]}, got {pairs[2 * node:2 * node + 2]}")
           chosen[j] = OPS.index(op)
         indices += chosen
-    return self.genotype(indices)
+        order[kind, node] = [j for _, j in pairs[2 * node:2 * node + 2]]
+    return self._genotype(indices, order)
 
 
 def _literal_pairs(text: str) -> list[tuple[str, int]] | None:
