@@ -107,6 +107,11 @@ def test_causal_attention_ignores_the_future(mode):
     assert not np.allclose(att(x, **mixture)[:, 3:], att(changed, **mixture)[:, 3:])
 
 
+def erf_gelu(x):
+  """PyTorch's nn.GELU(): x * Phi(x), the exact form AutoFormer and nanoGPT use."""
+  return 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
+
+
 def test_mlp_hidden_width_follows_embed_and_ratio():
   assert hidden_widths(EMBEDS, RATIOS) == (12, 16, 21, 28)
   mlp = randomize_biases(EntangledMLP(8, 3.5, ratios=RATIOS, embed_widths=EMBEDS, rngs=nnx.Rngs(2)))
@@ -115,7 +120,7 @@ def test_mlp_hidden_width_follows_embed_and_ratio():
     hidden = int(e * r)
     x_e = x[..., :e]
     y = mlp(jnp.pad(x_e, ((0, 0), (0, 0), (0, 8 - e))), embed=one_hot(ei, 2), ratio=one_hot(ri, 2))
-    h = jax.nn.gelu(x_e @ mlp.fc1.kernel[...][:e, :hidden] + mlp.fc1.bias[...][None, None, :hidden])
+    h = erf_gelu(x_e @ mlp.fc1.kernel[...][:e, :hidden] + mlp.fc1.bias[...][None, None, :hidden])
     expected = h @ mlp.fc2.kernel[...][:hidden, :e] + mlp.fc2.bias[...][None, None, :e]
     np.testing.assert_allclose(y[..., :e], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(y[..., e:], 0.0)
@@ -137,7 +142,7 @@ def test_mlp_ws_is_the_weighted_sum_of_separate_mlps():
   x, w_r = x_input(), jnp.array([0.3, 0.7])
   expected = 0.0
   for k, c in enumerate(mlp.candidates):
-    h = jax.nn.gelu(x @ c.fc1.kernel[...] + c.fc1.bias[...][None, None])
+    h = erf_gelu(x @ c.fc1.kernel[...] + c.fc1.bias[...][None, None])
     expected = expected + w_r[k] * (h @ c.fc2.kernel[...] + c.fc2.bias[...][None, None])
   np.testing.assert_allclose(mlp(x, ratio=w_r), expected, rtol=1e-5, atol=1e-5)
 

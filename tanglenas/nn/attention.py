@@ -122,6 +122,12 @@ def hidden_widths(embed_widths: Sequence[int], ratios: Sequence[float]) -> tuple
   return tuple(sorted({int(e * r) for e in embed_widths for r in ratios}))
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact (erf) GELU of PyTorch's `nn.GELU()`, which AutoFormer and nanoGPT use; jax.nn.gelu's default is
+  the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 class EntangledMLP(nnx.Module):
   """fc1 (embed -> int(embed * ratio)), GELU, fc2 (-> embed), with searchable embedding width and ratio.
 
@@ -131,7 +137,7 @@ class EntangledMLP(nnx.Module):
 
   def __init__(self, embed_dim: int, mlp_ratio: float, *, ratios: Sequence[float] | None = None,
                embed_widths: Sequence[int] | None = None, use_bias: bool = True, mode: str = "we",
-               activation: Callable = jax.nn.gelu, kernel_init=default_init, rngs: nnx.Rngs):
+               activation: Callable = gelu, kernel_init=default_init, rngs: nnx.Rngs):
     self.embed_dim, self.mlp_ratio = embed_dim, mlp_ratio
     self.ratios = sorted_choices(ratios, mlp_ratio, "MLP ratio")
     self.embed_widths = sorted_choices(embed_widths, embed_dim, "embedding width")

@@ -11,6 +11,9 @@ the class token. Presets:
   (tanglenas.data's downsampled ImageNet32 has the same shape; ImageNet16 with `image_size=16`).
 - "tiny": Fashion-MNIST 28x28x1, patch 7, embedding {24, 32}, depth {2, 3}, heads {1, 2} of dimension 8, MLP
   ratio {2, 4}: for tests, notebooks and CPU runs.
+Not reproduced from AutoFormer's published commands (`--gp --change_qk --relative_position`): global average
+pooling instead of the class token, and 2-D relative position encodings; this ViT uses the class token and
+absolute position embeddings. TangleNAS's CIFAR runs use patch 2 at 32x32 (`patch=2`; 256 tokens).
 
 Genotype string (JSON, only the layers inside the depth):
 `{"embed": 240, "depth": 13, "mlp_ratio": [3.5, 4.0, ...], "heads": [3, 4, ...]}`.

@@ -14,6 +14,9 @@ Input: int tokens [B, T] with T <= block_size; output logits [B, T, vocab]. Data
 file cut into windows, `tanglenas.data.load_text_dataset`, e.g. Tiny Shakespeare) or "synthetic_text".
 `language_model_metrics` gives the loss and bits per character.
 Presets: "paper" (vocab 65 as Tiny Shakespeare, block 256, dropout 0.2) and "tiny" (tests, CPU).
+Not reproduced from nanoGPT: dropout on the attention probabilities (dropout acts on the embeddings and each
+residual branch), the scaled 0.02 / sqrt(2 L) initialization of the residual projections (all weights use
+std 0.02), and its training script's `bias=False` (here `use_bias=True` by default; layer norms keep a bias).
 """
 
 from __future__ import annotations
