@@ -319,7 +319,9 @@ def test_extract_equals_the_one_hot_forward(mode, depthwise):
   out_widths = None if depthwise else widths
   layer = conv.EntangledConv(4, 4, kernel_sizes, out_widths=out_widths, in_widths=widths,
                              depthwise=depthwise, stride=2, mode=mode, use_bias=True, rngs=nnx.Rngs(9))
-  layer.bias[...] = jax.random.normal(jax.random.key(3), (4,))
+  biases = [layer.bias] if mode == "we" else layer.biases  # ws: every candidate's own
+  for i, bias in enumerate(biases):
+    bias[...] = jax.random.normal(jax.random.key(3 + i), bias.shape)
   x = random_x((2, 9, 9, 4))
   forward = jitted(layer)
   for ki, oi, ii in itertools.product(range(3), range(len(out_widths or (4,))), range(2)):

@@ -84,8 +84,8 @@ def test_supernet_param_counts(space, mode):
   if mode == "we":  # the largest choices' weights only: TangleNAS's count
     expected = standalone_params(largest, [7] * 4)
     assert expected == 7_725_450
-  else:  # one kernel per (kernel size, output width) over the full input width; one bias per layer
-    convs = sum(sum(k * k for k in (3, 5, 7)) * c_in * sum(w) + w[-1] for c_in, w in zip((3, 32, 64, 128), WIDTHS))
+  else:  # one kernel and bias per (kernel size, output width), kernels over the full input width
+    convs = sum(sum(k * k for k in (3, 5, 7)) * c_in * sum(w) + 3 * sum(w) for c_in, w in zip((3, 32, 64, 128), WIDTHS))
     largest_convs = sum(49 * c_in * w[-1] + w[-1] for c_in, w in zip((3, 32, 64, 128), WIDTHS))
     expected = convs + standalone_params(largest, [7] * 4) - largest_convs
   assert count_params(abstract_supernet(space, mode)) == expected

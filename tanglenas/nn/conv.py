@@ -307,7 +307,7 @@ class EntangledConv(nnx.Module):
     self.in_widths = tuple(sorted(in_widths)) if in_widths else (in_features,)
     if self.out_widths[-1] != out_features or self.in_widths[-1] != in_features:
       raise ValueError("the largest width choice must equal the layer's width")
-    self.depthwise, self.stride, self.dilation = depthwise, stride, dilation
+    self.depthwise, self.stride, self.dilation, self.use_bias = depthwise, stride, dilation, use_bias
     self.mode, self.impl = check_mode(mode), resolve_impl(impl)
     kmax = self.kernel_sizes[-1]
     self.max_padding = dilation * (kmax - 1) // 2 if padding is None else padding
@@ -321,10 +321,12 @@ class EntangledConv(nnx.Module):
 
     if self.mode == "we":
       self.kernel = kernel_param(kmax, out_features)
-    else:
+      self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+    else:  # every candidate a conv of its own, bias included
       widths = (out_features,) if depthwise else self.out_widths
       self.kernels = nnx.List([kernel_param(k, w) for k in self.kernel_sizes for w in widths])
-    self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+      self.biases = nnx.List([nnx.Param(jnp.zeros((w,))) for _ in self.kernel_sizes for w in widths]
+                             ) if use_bias else None
 
   def padding(self, kernel_size: int) -> int:
     return self.max_padding - self.dilation * (self.kernel_sizes[-1] - kernel_size) // 2
@@ -351,24 +353,24 @@ class EntangledConv(nnx.Module):
         weight = (self.kernel[...] * kernel_mask[:, :, None, None] * in_mask[None, None, :, None]
                   * out_mask[None, None, None, :])
       y = self._conv(x, weight, kmax)
-    else:
-      y = self._mix_candidates(x, kernel, out, in_mask, out_mask)
-    if self.bias is not None:
-      y = y + (self.bias[...] * out_mask).reshape(1, 1, 1, -1)
-    return y
+      if self.bias is not None:
+        y = y + (self.bias[...] * out_mask).reshape(1, 1, 1, -1)
+      return y
+    return self._mix_candidates(x, kernel, out, in_mask, out_mask)
 
   def _mix_candidates(self, x, kernel, out, in_mask, out_mask):
     kernel_w = jnp.ones((1,)) if kernel is None and len(self.kernel_sizes) == 1 else kernel
     if kernel_w is None:
       kernel_w = jnp.eye(len(self.kernel_sizes))[-1]
+    bias = lambda idx: 0.0 if self.biases is None else self.biases[idx][...].reshape(1, 1, 1, -1)
     if self.depthwise:
-      return sum(kernel_w[i] * self._conv(x, self.kernels[i][...] * out_mask[None, None], k)
-                 for i, k in enumerate(self.kernel_sizes))
+      return sum(kernel_w[i] * (self._conv(x, self.kernels[i][...] * out_mask[None, None], k) + bias(i))
+                 * out_mask.reshape(1, 1, 1, -1) for i, k in enumerate(self.kernel_sizes))
     out_w = jnp.eye(len(self.out_widths))[-1] if out is None else out
     y = 0.0
     for idx, (i, j) in enumerate(_product(len(self.kernel_sizes), len(self.out_widths))):
       k, width = self.kernel_sizes[i], self.out_widths[j]
-      y_j = self._conv(x, self.kernels[idx][...] * in_mask[None, None, :, None], k)
+      y_j = self._conv(x, self.kernels[idx][...] * in_mask[None, None, :, None], k) + bias(idx)
       y = y + kernel_w[i] * out_w[j] * jnp.pad(y_j, ((0, 0), (0, 0), (0, 0), (0, self.out_features - width)))
     return y
 
@@ -382,19 +384,18 @@ class EntangledConv(nnx.Module):
     if self.depthwise:
       out_w = in_w = min(out_w, in_w)
     make = lambda: EntangledConv(in_w, out_w, (size,), depthwise=self.depthwise, stride=self.stride,
-                                 dilation=self.dilation, use_bias=self.bias is not None,
+                                 dilation=self.dilation, use_bias=self.use_bias,
                                  padding=self.padding(size), impl=self.impl, rngs=rngs or nnx.Rngs(0))
     # Without rngs only the structure is built: the weights are copied in below, and running the initializer
     # would compile one RNG program per new kernel shape (~1 s each on CPU).
     new = nnx.eval_shape(make) if rngs is None else make()
-    if self.mode == "we":
-      source = masks_lib.centre_crop(self.kernel[...], size)
-    else:
-      source = self.kernels[ki if self.depthwise else ki * len(self.out_widths) + oi][...]
+    candidate = ki if self.depthwise else ki * len(self.out_widths) + oi
+    source = masks_lib.centre_crop(self.kernel[...], size) if self.mode == "we" else self.kernels[candidate][...]
     # Copies, never views: a no-op slice returns the same buffer, which a donating supernet step would delete.
     new.kernel = nnx.Param(jnp.copy(source[..., :out_w] if self.depthwise else source[:, :, :in_w, :out_w]))
-    if self.bias is not None:
-      new.bias = nnx.Param(jnp.copy(self.bias[...][:out_w]))
+    if self.use_bias:
+      bias = self.bias[...] if self.mode == "we" else self.biases[candidate][...]
+      new.bias = nnx.Param(jnp.copy(bias[:out_w]))
     return new
 
 

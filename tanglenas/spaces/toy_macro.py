@@ -20,6 +20,7 @@ Genotype strings are the published benchmark's keys, `[[c1, c2, c3, c4], [k1, k2
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -43,34 +44,34 @@ def conv_choice_masks(conv: EntangledConv, path: tuple, *, kernel: str | None = 
   """Which part of a dense `EntangledConv`'s weights each choice of its kernel/out/in decisions uses.
 
   `we`: the centred window, the output prefix and the input prefix of the super-kernel (and the bias prefix).
-  `ws`: a (kernel size, width) candidate's kernel belongs to one kernel choice and one width choice; the input
-  prefix cuts every candidate.
+  `ws`: a (kernel size, width) candidate's kernel and bias belong to one kernel choice and one width choice;
+  the input prefix cuts every candidate's kernel.
   """
   out_masks = masks_lib.prefix_masks(conv.out_widths)
   in_masks = masks_lib.prefix_masks(conv.in_widths)[:, None, None, :, None]
   if conv.mode == "we":
-    kernels = [(path + ("kernel",), None, None)]
-  else:
-    kernels = [(path + ("kernels", i * len(conv.out_widths) + j), i, j)
-               for i in range(len(conv.kernel_sizes)) for j in range(len(conv.out_widths))]
-  result = []
-  for kernel_path, size_index, width_index in kernels:
+    result = []
     if kernel is not None:
-      if size_index is None:
-        masks = masks_lib.kernel_masks(conv.kernel_sizes)[..., None, None]
-      else:
-        masks = np.eye(len(conv.kernel_sizes), dtype=np.float32)[size_index].reshape(-1, 1, 1, 1, 1)
-      result.append(ChoiceMask(kernel, kernel_path, masks))
+      result.append(ChoiceMask(kernel, path + ("kernel",), masks_lib.kernel_masks(conv.kernel_sizes)[..., None, None]))
     if out is not None:
-      if width_index is None:
-        masks = out_masks[:, None, None, None, :]
-      else:
-        masks = np.eye(len(conv.out_widths), dtype=np.float32)[width_index].reshape(-1, 1, 1, 1, 1)
-      result.append(ChoiceMask(out, kernel_path, masks))
+      result.append(ChoiceMask(out, path + ("kernel",), out_masks[:, None, None, None, :]))
+      if conv.use_bias:
+        result.append(ChoiceMask(out, path + ("bias",), out_masks))
     if in_ is not None:
-      result.append(ChoiceMask(in_, kernel_path, in_masks))
-  if out is not None and conv.bias is not None:
-    result.append(ChoiceMask(out, path + ("bias",), out_masks))
+      result.append(ChoiceMask(in_, path + ("kernel",), in_masks))
+    return result
+  result = []
+  for idx, (i, j) in enumerate(itertools.product(range(len(conv.kernel_sizes)), range(len(conv.out_widths)))):
+    weights = [(path + ("kernels", idx), 5)] + ([(path + ("biases", idx), 2)] if conv.use_bias else [])
+    for weight_path, ndim in weights:  # one-hot masks [K, 1, ...] over the candidate's kernel choice, width choice
+      if kernel is not None:
+        masks = np.eye(len(conv.kernel_sizes), dtype=np.float32)[i]
+        result.append(ChoiceMask(kernel, weight_path, masks.reshape((-1,) + (1,) * (ndim - 1))))
+      if out is not None:
+        masks = np.eye(len(conv.out_widths), dtype=np.float32)[j]
+        result.append(ChoiceMask(out, weight_path, masks.reshape((-1,) + (1,) * (ndim - 1))))
+    if in_ is not None:
+      result.append(ChoiceMask(in_, path + ("kernels", idx), in_masks))
   return result
 
 
