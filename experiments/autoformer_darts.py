@@ -3,7 +3,8 @@ batch 64, half the training set for the architecture step). The weights use tang
 AutoFormer's AdamW. On downsampled ImageNet at 32x32 (Chrabaszcz et al., 2017; image-net.org's "Downsampled
 ImageNet"), the same 64 patches, 1000 classes; for ImageNet16-120 add "image_size": 16 to a copy's space_options.
 
-  tanglenas search --config experiments/autoformer_darts.py --data-dir PATH/TO/cifar-10-batches-py [--smoke]
+  tanglenas search --config experiments/autoformer_darts.py --data-dir PATH/TO/cifar-10-batches-py
+  tanglenas search --config experiments/autoformer_darts.py --smoke  # the tiny preset on Fashion-MNIST
   tanglenas search --config experiments/autoformer_darts.py --dataset imagenet --num-classes 1000 \
     --data-dir PATH/TO/Imagenet32  # train_data_batch_1..10, val_data
 """

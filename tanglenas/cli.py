@@ -77,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     run()
-  except DivergenceError as error:  # the run's files and last good checkpoint stay as they are
+  except (DivergenceError, ValueError, FileNotFoundError) as error:  # the run's files and checkpoints stay
     print(f"tanglenas {args.command}: error: {error}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    resume = " (the run keeps its last checkpoint: continue it with --resume)" if args.command == "search" else ""
+    print(f"tanglenas {args.command}: interrupted{resume}", file=sys.stderr)
+    return 130
   return 0
 
 

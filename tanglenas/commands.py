@@ -40,6 +40,8 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   from tanglenas.search import check_dataset, load_dataset
 
   path = Path(workdir) if workdir else default_workdir(experiment_file, config.seed, smoke=smoke)
+  if config.data_dir:  # saved absolute, so that evaluate, rank and --resume find it from any directory
+    config = config.replace(data_dir=str(Path(config.data_dir).expanduser().resolve()))
   validate(config, path)
   if resume and overwrite:
     raise ValueError("--resume continues the run in the run directory, --overwrite replaces it: choose one")
@@ -56,14 +58,17 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   dataset = load_dataset(config, space)
   check_dataset(config, space, dataset)
   if holds_run and not resume:
+    _check_supernet_builds(space, config)
     _clear_run(path)
 
   def run() -> None:
     from tanglenas.search import search
 
+    evaluated = read_summary(path).get("evaluation") if resume else None  # a finished run: nothing to redo
     result = search(config, path, resume=resume, space=space, dataset=dataset)
-    evaluation = _evaluate(config, result.genotype, supernet=result.supernet)
-    update_summary(path, {"evaluation": evaluation})
+    evaluation = evaluated or _evaluate(config, result.genotype, supernet=result.supernet, dataset=dataset)
+    if not evaluated:
+      _record_evaluation(path, evaluation)
     print(f"run directory: {path}")
     print(f"genotype: {result.genotype}")
     print(_accuracy_line(evaluation))
@@ -76,17 +81,20 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
 def prepare_evaluate(run_dir: str, *, epochs: int | None = None, benchmark: str = "") -> Callable[[], None]:
   """Check the run; the returned function extracts and (with `epochs`, default the run's `eval_epochs`)
   retrains its derived architecture, prints the accuracies and saves them in summary.json."""
+  from tanglenas.search import load_dataset
+
   config = load_run_config(run_dir).replace(**({"benchmark": benchmark} if benchmark else {}))
   genotype = _derived_genotype(run_dir)
   _latest_checkpoint(run_dir)
   validate(config)
   if epochs is not None and epochs < 0:
     raise ValueError(f"--epochs must be at least 0, got {epochs}")
+  dataset = load_dataset(config, _space(config))
 
   def run() -> None:
-    _, supernet = load_supernet(run_dir, config)
-    evaluation = _evaluate(config, genotype, supernet=supernet, epochs=epochs)
-    update_summary(run_dir, {"evaluation": evaluation})
+    _, supernet = load_supernet(run_dir, config, dataset)
+    evaluation = _evaluate(config, genotype, supernet=supernet, epochs=epochs, dataset=dataset)
+    _record_evaluation(run_dir, evaluation)
     print(f"genotype: {genotype}")
     print(_accuracy_line(evaluation))
   return run
@@ -97,6 +105,9 @@ def prepare_rank(run_dir: str, *, benchmark: str, architectures: int = 100) -> C
   architectures (a seeded sample; all when fewer) by the run's supernet, writes `ranking.json` and prints
   Kendall's tau against the benchmark."""
   from tanglenas.benchmarks import TabularBenchmark
+  from tanglenas.data import split_train_val
+  from tanglenas.evaluate import check_scoring_batches
+  from tanglenas.search import load_dataset
 
   config = load_run_config(run_dir)
   _latest_checkpoint(run_dir)
@@ -106,12 +117,18 @@ def prepare_rank(run_dir: str, *, benchmark: str, architectures: int = 100) -> C
   space = _space(config)
   table = TabularBenchmark.load(benchmark, space=space.name)
   table.check_keys(space.parse)
+  if len(table.keys()) < 2:
+    raise ValueError(f"benchmark {benchmark} holds {len(table.keys())} architecture: ranking needs at least 2")
+  dataset = load_dataset(config, space)
+  check_scoring_batches(config, len(split_train_val(len(dataset.train_x), config.val_fraction, config.seed)[1]))
 
   def run() -> None:
-    ranking = rank_architectures(run_dir, config, table, architectures=architectures)
+    ranking = rank_architectures(run_dir, config, table, architectures=architectures, dataset=dataset)
     Path(run_dir, "ranking.json").write_text(json.dumps({"benchmark": str(benchmark), **ranking}, indent=1))
     print(f"Kendall tau {ranking['kendall_tau']:.4f}, Spearman {ranking['spearman']:.4f} over "
           f"{ranking['n']} architectures (ranking.json in {run_dir})")
+    if not ranking["finished"]:
+      print(f"note: the search has not finished; this ranks its supernet at step {ranking['step']}")
   return run
 
 
@@ -139,50 +156,49 @@ def load_run_config(run_dir: str | Path) -> Config:
   return Config(**{k: v for k, v in values.items() if k in hints})
 
 
-def load_search_state(run_dir: str | Path, config: Config | None = None):
+def load_search_state(run_dir: str | Path, config: Config | None = None, dataset=None):
   """`(run, state)`: a run's static parts and its search state at its newest checkpoint (with gradient
-  matching, every leaf slot)."""
+  matching, every leaf slot). `dataset`: the run's data, if already loaded."""
   from tanglenas.checkpoint import Checkpointer
   from tanglenas.search import build_run, init_state
 
   config = config or load_run_config(run_dir)
-  run, model = build_run(config)
+  run, model = build_run(config, dataset=dataset)
   with Checkpointer(Path(run_dir) / "checkpoints") as checkpointer:
     state, _, _ = checkpointer.restore(init_state(run, model))
   return run, state
 
 
-def load_supernet(run_dir: str | Path, config: Config | None = None):
+def load_supernet(run_dir: str | Path, config: Config | None = None, dataset=None):
   """`(run, supernet)`: a run's static parts and its supernet at its newest checkpoint (in eval mode); with
-  gradient matching, the leaf the finished search chose."""
+  gradient matching, the leaf the finished search chose. `dataset`: the run's data, if already loaded."""
   from tanglenas.samplers import gm
   from tanglenas.search import supernet_of
 
-  run, state = load_search_state(run_dir, config)
+  run, state = load_search_state(run_dir, config, dataset)
   if run.config.sampler == "gm":
     state = gm.leaf(state, _summary_entry(run_dir, "gm_leaf"))
   return run, supernet_of(run, state)
 
 
-def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int) -> dict:
+def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int, dataset=None) -> dict:
   """Score benchmark architectures by the run's supernet (one-hot validation accuracy, on the run's
   `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more) against `table`.
-  With gradient matching, each architecture is scored on the leaf whose choices hold it (few-shot NAS)."""
+  With gradient matching, each architecture is scored on the leaf whose choices hold it (few-shot NAS). The
+  report names the checkpoint's step and whether the search had finished."""
   from tanglenas.benchmarks import ranking_report
-  from tanglenas.evaluate import SupernetScorer
+  from tanglenas.evaluate import SupernetScorer, scoring_batches
   from tanglenas.samplers import gm
   from tanglenas.search import supernet_of
 
-  run, state = load_search_state(run_dir, config)
+  run, state = load_search_state(run_dir, config, dataset)
   keys = table.keys()
   if len(keys) > architectures:
     keys = [keys[i] for i in np.random.default_rng(config.seed).choice(len(keys), architectures, replace=False)]
-  batch, needed = config.batch_size, config.spos_eval_batches + config.spos_recalibrate_batches
-  batches = [run.val_iter.batch_from_indices(np.arange(i * batch, (i + 1) * batch))[:2] for i in range(needed)]
+  eval_batches, recalibration = scoring_batches(config, run.val_iter)
   leaves = ([(allowed, supernet) for _, allowed, supernet in gm.leaf_supernets(run, state)]
             if config.sampler == "gm" else [(None, supernet_of(run, state))])
-  scorers = [(allowed, SupernetScorer(run.space, supernet, batches[:config.spos_eval_batches],
-                                      recalibration_batches=batches[config.spos_eval_batches:] or None))
+  scorers = [(allowed, SupernetScorer(run.space, supernet, eval_batches, recalibration_batches=recalibration))
              for allowed, supernet in leaves]
 
   def score(genotype) -> float:
@@ -192,13 +208,23 @@ def rank_architectures(run_dir: str | Path, config: Config, table, *, architectu
 
   scores = {key: score(run.space.parse(key)) for key in keys}
   return {"genotypes": keys, "scores": list(scores.values()), "accuracies": [table.accuracy(k) for k in keys],
-          "score_name": "supernet one-hot validation accuracy", **ranking_report(scores, table)}
+          "score_name": "supernet one-hot validation accuracy", "step": int(state.step),
+          "finished": bool(read_summary(run_dir).get("genotype")), **ranking_report(scores, table)}
 
 
-def _evaluate(config: Config, genotype: str, *, supernet, epochs: int | None = None) -> dict:
+def _evaluate(config: Config, genotype: str, *, supernet, epochs: int | None = None, dataset=None) -> dict:
   from tanglenas.evaluate import evaluate_genotype
 
-  return evaluate_genotype(_space(config), genotype, config, supernet=supernet, epochs=epochs)
+  return evaluate_genotype(_space(config), genotype, config, supernet=supernet, epochs=epochs, dataset=dataset)
+
+
+def _record_evaluation(run_dir: str | Path, evaluation: dict) -> None:
+  """Merge `evaluation` into the summary's: an evaluation without retraining keeps an earlier retrained or
+  benchmark figure of the same architecture."""
+  earlier = read_summary(run_dir).get("evaluation", {})
+  if earlier.get("genotype") != evaluation.get("genotype"):
+    earlier = {}
+  update_summary(run_dir, {"evaluation": {**earlier, **evaluation}})
 
 
 def _accuracy_line(evaluation: dict) -> str:
@@ -223,7 +249,11 @@ def _derived_genotype(run_dir: str) -> str:
 
 def _summary_entry(run_dir: str | Path, key: str):
   """What a finished search wrote into summary.json under `key` (its architecture, GM's chosen leaf)."""
-  value = read_summary(run_dir).get(key)
+  summary = read_summary(run_dir)
+  value = summary.get(key)
+  if "diverged_at_step" in summary and not value:
+    raise ValueError(f"the search in {run_dir} diverged at step {summary['diverged_at_step']} and derived no "
+                     "architecture: start a new run with a lower --learning-rate or --arch-learning-rate")
   if value is None or value == "":
     raise ValueError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
                      "e.g. tanglenas search ... --resume")
@@ -238,7 +268,7 @@ def _latest_checkpoint(run_dir: str) -> None:
 
 # Settings a resumed run may change: they decide what is logged, saved and evaluated, not the search itself.
 RESUMABLE_CHANGES = ("quiet", "wandb_mode", "wandb_project", "log_every", "checkpoint_every", "eval_epochs",
-                     "benchmark")
+                     "benchmark", "spos_derive", "spos_candidates", "spos_eval_batches", "spos_recalibrate_batches")
 
 
 def _check_resumable(saved: Config, config: Config, path: Path) -> None:
@@ -249,6 +279,17 @@ def _check_resumable(saved: Config, config: Config, path: Path) -> None:
     detail = ", ".join(f"{name} {before.get(name)!r} -> {now[name]!r}" for name in changed)
     raise ValueError(f"--resume continues {path} with the configuration it was started with, but {detail}: "
                      "drop those options, or start a new run (--overwrite or another --workdir)")
+
+
+def _check_supernet_builds(space, config: Config) -> None:
+  """Build the supernet's structure (shapes only, in seconds), so that a space option of the wrong type fails
+  before an old run is deleted."""
+  from flax import nnx
+
+  try:
+    nnx.eval_shape(lambda: space.supernet(mode=config.mode, rngs=nnx.Rngs(0)))
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"space {space.name} cannot be built with space options {config.space_options}: {error}") from None
 
 
 def _clear_run(path: Path) -> None:

@@ -30,7 +30,7 @@ class Config:
   # --- data --------------------------------------------------------------------------------------------
   dataset: str = ""  # empty: the space's own dataset (fashion_mnist, cifar10, text)
   data_dir: str = ""  # empty: the dataset's default location (Debian's package for Fashion-MNIST)
-  train_limit: int = 0  # use only this many training examples (0: all); for smoke runs
+  train_limit: int = 0  # use only this many training examples, and test examples (0: all); for smoke runs
   val_fraction: float = 0.5  # share of the training set held out for the architecture step
 
   # --- weights (TangleNAS defaults) ----------------------------------------------------------------------
@@ -89,10 +89,17 @@ def load_experiment(path: str | Path, *, smoke: bool = False) -> Config:
   if not path.is_file():
     raise FileNotFoundError(f"experiment file {path} not found: pass --config experiments/<name>.py")
   spec = importlib.util.spec_from_file_location(f"tanglenas_experiment_{path.stem}", path)
+  if spec is None or path.suffix != ".py":
+    raise ValueError(f"experiment file {path} is not a Python file: pass --config experiments/<name>.py")
   module = importlib.util.module_from_spec(spec)
   sys.path.insert(0, str(path.parent))  # experiment files import their folder's shared presets
   try:
     spec.loader.exec_module(module)
+  except ModuleNotFoundError as error:
+    hint = " (experiment files import experiments/presets.py: copy it beside yours)" if error.name == "presets" else ""
+    raise ValueError(f"experiment file {path} cannot be loaded: {error}{hint}") from None
+  except SyntaxError as error:
+    raise ValueError(f"experiment file {path} has a syntax error in line {error.lineno}: {error.msg}") from None
   finally:
     sys.path.remove(str(path.parent))
   if not callable(getattr(module, "get_config", None)):
@@ -105,6 +112,7 @@ def load_experiment(path: str | Path, *, smoke: bool = False) -> Config:
 
 # (field, rule as text, check): value ranges of single fields.
 _RANGES = (
+  ("seed", "in [0, 2**31)", lambda v: 0 <= v < 2**31),
   ("epochs", "at least 1", lambda v: v >= 1),
   ("batch_size", "at least 1", lambda v: v >= 1),
   ("train_limit", "0 (all examples) or positive", lambda v: v >= 0),

@@ -83,8 +83,12 @@ def read_idx(path: str | Path) -> np.ndarray:
   """Parse an IDX file (the MNIST/Fashion-MNIST format), gzip-compressed when its name ends in .gz."""
   path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a truncated gzip stream an EOFError
+    raise ValueError(f"{path} cannot be read as a{' gzipped' if path.suffix == '.gz' else 'n'} IDX file ({error}): "
+                     "reinstall the dataset") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
   ndim = raw[3]

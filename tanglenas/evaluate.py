@@ -169,19 +169,33 @@ def evolutionary_search(scorer: SupernetScorer, *, candidates: int, population: 
   return best, scores
 
 
+def check_scoring_batches(config: Config, validation_examples: int) -> None:
+  """Raise ValueError where the validation split cannot hold the batches paths are scored on."""
+  needed = (config.spos_eval_batches + config.spos_recalibrate_batches) * config.batch_size
+  if needed > validation_examples:
+    raise ValueError(f"spos_eval_batches {config.spos_eval_batches} + spos_recalibrate_batches "
+                     f"{config.spos_recalibrate_batches} batches of {config.batch_size} need {needed} validation "
+                     f"examples, but the validation split holds {validation_examples}: lower --spos-eval-batches "
+                     "or --spos-recalibrate-batches")
+
+
+def scoring_batches(config: Config, val_iter: data_lib.BatchIterator) -> tuple[list[Batch], list[Batch] | None]:
+  """The first `spos_eval_batches` validation batches, that paths are scored on, and the
+  `spos_recalibrate_batches` after them, that re-estimate batch norm per path (None: none)."""
+  check_scoring_batches(config, len(val_iter.indices))
+  batch, n_eval = config.batch_size, config.spos_eval_batches
+  batches = [val_iter.batch_from_indices(np.arange(i * batch, (i + 1) * batch))[:2]
+             for i in range(n_eval + config.spos_recalibrate_batches)]
+  return batches[:n_eval], batches[n_eval:] or None
+
+
 def derive_from_supernet(space: Space, supernet: nnx.Module, val_iter: data_lib.BatchIterator,
                          config: Config) -> Genotype:
   """The architecture a single-path supernet (SPOS) prefers: evolutionary or random search
   (`Config.spos_derive`) over `spos_candidates` paths scored on the first `spos_eval_batches` validation
   batches, with `spos_recalibrate_batches` further validation batches re-estimating batch norm per path."""
-  batch, pool = config.batch_size, len(val_iter.indices)
-  needed = config.spos_eval_batches + config.spos_recalibrate_batches
-  if needed * batch > pool:
-    raise ValueError(f"spos_eval_batches + spos_recalibrate_batches = {needed} batches of {batch} exceed the "
-                     f"{pool} validation examples: lower them")
-  batches = [val_iter.batch_from_indices(np.arange(i * batch, (i + 1) * batch))[:2] for i in range(needed)]
-  scorer = SupernetScorer(space, supernet, batches[:config.spos_eval_batches],
-                          recalibration_batches=batches[config.spos_eval_batches:] or None)
+  eval_batches, recalibration = scoring_batches(config, val_iter)
+  scorer = SupernetScorer(space, supernet, eval_batches, recalibration_batches=recalibration)
   search_fn = evolutionary_search if config.spos_derive == "evolution" else random_search
   best, _ = search_fn(scorer, candidates=config.spos_candidates, seed=config.seed)
   return best
@@ -335,7 +349,7 @@ def evaluate_genotype(space: Space, genotype: Genotype | str, config: Config, *,
 
   Returns:
     {"genotype", "params", and where they apply "extracted_test_acc", "retrained_test_acc",
-    "benchmark_test_acc", "benchmark_rank", "benchmark_percentile"}; accuracies are fractions (0..1) except
+    "benchmark_test_acc", "benchmark_rank", "benchmark_percentile" (when the benchmark holds it)}; accuracies are fractions (0..1) except
     the benchmark's, which are as its table stores them.
   """
   genotype = space.parse(genotype) if isinstance(genotype, str) else genotype
@@ -365,6 +379,7 @@ def evaluate_genotype(space: Space, genotype: Genotype | str, config: Config, *,
     from tanglenas.benchmarks import TabularBenchmark
 
     table = benchmark if isinstance(benchmark, TabularBenchmark) else TabularBenchmark.load(benchmark, space=space.name)
-    result.update(benchmark_test_acc=table.accuracy(genotype), benchmark_rank=table.rank(genotype),
-                  benchmark_percentile=table.percentile(genotype))
+    if genotype in table:  # a partial table may lack it
+      result.update(benchmark_test_acc=table.accuracy(genotype), benchmark_rank=table.rank(genotype),
+                    benchmark_percentile=table.percentile(genotype))
   return result

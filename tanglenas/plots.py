@@ -77,9 +77,13 @@ def arch_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
-  """Loss and accuracy curves: every scalar metric whose name holds "loss", and every one holding "acc"."""
+  """Loss and accuracy curves: every scalar metric whose name holds "loss", every one holding "acc" (fractions),
+  and the benchmark's accuracies (in the table's own unit, often percent) in a panel of their own."""
   series = {k: v for k, v in _series(records, "").items() if not k.startswith((ARCH_PREFIX, DIST_PREFIX))}
-  panels = [(kind, {k: v for k, v in series.items() if kind in k}) for kind in ("loss", "acc")]
+  benchmark = lambda name: "benchmark_" in name
+  panels = [("loss", {k: v for k, v in series.items() if "loss" in k}),
+            ("acc", {k: v for k, v in series.items() if "acc" in k and not benchmark(k)}),
+            ("benchmark", {k: v for k, v in series.items() if "acc" in k and benchmark(k)})]
   panels = [(kind, curves) for kind, curves in panels if curves]
   if not panels:
     return None
@@ -87,7 +91,7 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
   for ax, (kind, curves) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
     for name, (steps, values) in sorted(curves.items()):
       ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
-    ax.set(xlabel="step", ylabel={"loss": "loss", "acc": "accuracy"}[kind])
+    ax.set(xlabel="step", ylabel={"loss": "loss", "acc": "accuracy", "benchmark": "benchmark test accuracy"}[kind])
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
   return figure

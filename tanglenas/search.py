@@ -275,10 +275,15 @@ def load_dataset(config: Config, space: Space) -> data_lib.Dataset:
 
 def check_dataset(config: Config, space: Space, dataset: data_lib.Dataset) -> None:
   """Raise ValueError, in one line saying how to fix it, where the data cannot feed the search: inputs of
-  another shape, characters past the vocabulary, or a split without one full batch."""
+  another shape, labels or characters past the space's classes or vocabulary, a split without one full batch,
+  or too few validation batches to score paths on."""
   if tuple(dataset.train_x.shape[1:]) != tuple(space.input_shape):
     raise ValueError(f"dataset {dataset.name} has inputs of shape {dataset.train_x.shape[1:]} but space "
                      f"{space.name} expects {space.input_shape}: pick a matching dataset or space input_shape")
+  if space.task == "classification" and dataset.num_classes > space.num_classes:
+    raise ValueError(f"dataset {dataset.name} has {dataset.num_classes} classes but space {space.name} predicts "
+                     f"{space.num_classes}: pick a space with as many (--space-option num_classes="
+                     f"{dataset.num_classes}, where the space has that option)")
   if space.task == "language_model" and dataset.num_classes > space.num_classes:
     n = dataset.num_classes  # tokens past the vocabulary would have no logit
     raise ValueError(f"text file {config.data_dir or dataset.name} has {n} characters but space {space.name} has "
@@ -293,6 +298,10 @@ def check_dataset(config: Config, space: Space, dataset: data_lib.Dataset) -> No
     raise ValueError(f"the training and validation splits of {len(dataset.train_x)} examples hold "
                      f"{' and '.join(str(len(i)) for i in splits)}, less than one batch of {config.batch_size}: "
                      "lower --batch-size or raise --train-limit")
+  if config.strategy == "spos" or config.sampler == "gm":  # the search ends scoring paths on validation batches
+    from tanglenas.evaluate import check_scoring_batches
+
+    check_scoring_batches(config, len(splits[1]))
 
 
 def build_run(config: Config, space: Space | None = None,
@@ -391,6 +400,8 @@ def search(config: Config, workdir: str | Path, *, resume: bool = False, space: 
   logger = RunLogger(workdir, config, resume_step=start)
   try:
     state, metrics = _loop(run, state, logger, checkpointer, stop_after_step)
+    if "train_loss" not in metrics:  # no step taken (resumed after the last one): the last logged means
+      metrics = {**_last_logged_means(workdir), **metrics}
     if run.train_iter.epoch >= config.epochs:
       finished_before = start == int(state.step) and "genotype" in logger.summary
       result = (_logged_result(run, state, logger.summary, workdir) if finished_before
@@ -401,6 +412,14 @@ def search(config: Config, workdir: str | Path, *, resume: bool = False, space: 
     logger.close()
     checkpointer.close()
   return result
+
+
+def _last_logged_means(workdir: Path) -> dict[str, float]:
+  """The step means of the last logging interval, as metrics.jsonl holds them."""
+  from tanglenas.logging import read_metrics
+
+  logged = [record for record in read_metrics(workdir) if "train_loss" in record]
+  return {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
 
 
 def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: int | None):
@@ -456,7 +475,7 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
 def _log_derived(run: Run, state: SearchState, logger, step: int, probs: dict[str, np.ndarray],
                  benchmark: TabularBenchmark | None) -> None:
   """At an epoch end: the architecture the run would return now (per active leaf for gm), and its test
-  accuracy and rank in the tabular benchmark when one is given. SPOS derives by searching the trained
+  accuracy and rank in the tabular benchmark when one is given and holds it. SPOS derives by searching the trained
   supernet, which is done once, at the end."""
   if not run.strategy.learns_arch:
     return
@@ -466,7 +485,7 @@ def _log_derived(run: Run, state: SearchState, logger, step: int, probs: dict[st
     genotype = run.space.derive(probs if leaf is None else gm.leaf_probs(probs, leaf))
     prefix = "" if leaf is None else f"leaf{leaf}/"
     metrics[f"{prefix}genotype"] = genotype.text
-    if benchmark is not None:
+    if benchmark is not None and genotype in benchmark:  # a partial table may lack it
       metrics.update({f"{prefix}benchmark_test_acc": benchmark.accuracy(genotype),
                       f"{prefix}benchmark_rank": benchmark.rank(genotype)})
   logger.log(step, metrics)
@@ -496,8 +515,9 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
       logger.log_summary({"diverged_at_step": first + i})
       raise DivergenceError(
         f"search diverged at step {first + i}: non-finite loss, gradient or architecture parameters. The last "
-        f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory}; "
-        "lower learning_rate or arch_learning_rate, or check the data.")
+        f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory} "
+        "(for evaluate and rank); start a new run with a lower --learning-rate or --arch-learning-rate "
+        "(--overwrite or another --workdir), or check the data.")
   means = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "finite"}
   if run.space.task == "language_model":  # the losses (nats) also in bits per character
     means.update({f"{split}_bits_per_char": bits_per_char(means[f"{split}_loss"]) for split in ("train", "val")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,10 @@ BAD_INPUT = [
   (["--space-option", "input_shape=(32, 32, 3)"], "has inputs of shape (28, 28, 1) but space toy_cell expects"),
   (["--train-limit", "100"], "splits of 100 examples hold 50 and 50, less than one batch of 64"),
   (["--resume"], "nothing to resume in"),
+  (["--seed", "-1"], "seed must be in [0, 2**31), got -1"),
+  (["--strategy", "spos", "--spos-eval-batches", "3", "--train-limit", "256"],
+   "spos_eval_batches 3 + spos_recalibrate_batches 0 batches of 64 need 192 validation examples, but the "
+   "validation split holds 128"),
 ]
 
 
@@ -143,13 +149,46 @@ def test_a_run_is_resumed_only_with_its_own_configuration(experiment, tmp_path):
                           resume=True)
 
 
-def test_a_failing_check_replaces_nothing(experiment, tmp_path):
-  """--overwrite deletes the old run only once the new one's data and options passed their checks."""
+@pytest.mark.parametrize("change, message", [
+  (dict(train_limit=100), "less than one batch"),
+  (dict(space_options={"impl": "fast"}), "space toy_cell cannot be built with space options {'impl': 'fast'}"),
+  (dict(space_options={"channels": 8.0}), "space toy_cell cannot be built with space options {'channels': 8.0}"),
+])
+def test_a_failing_check_replaces_nothing(experiment, tmp_path, change, message):
+  """--overwrite deletes the old run only once the new one's data and options passed their checks, the
+  supernet's structure included."""
   config = load_experiment(experiment)
   workdir = _existing_run(tmp_path / "run", config)
-  with pytest.raises(ValueError, match="less than one batch"):
-    commands.prepare_search(config.replace(train_limit=100), experiment, workdir=str(workdir), overwrite=True)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    commands.prepare_search(config.replace(**change), experiment, workdir=str(workdir), overwrite=True)
   assert (workdir / "checkpoints" / "7").exists() and (workdir / "config.json").exists()
+
+
+def test_a_relative_data_dir_is_saved_absolute(experiment, tmp_path, monkeypatch):
+  """evaluate, rank and --resume of the run must find the data from any directory."""
+  from tanglenas import search as search_lib
+
+  monkeypatch.chdir(tmp_path)
+  relative = os.path.relpath("/usr/share/datasets/fashion-mnist", tmp_path)
+  seen = []
+  monkeypatch.setattr(search_lib, "search", lambda config, *args, **kwargs: seen.append(config) or 1 / 0)
+  run = commands.prepare_search(load_experiment(experiment, smoke=True).replace(data_dir=relative), experiment,
+                                workdir="run")
+  with pytest.raises(ZeroDivisionError):
+    run()
+  assert seen[0].data_dir == "/usr/share/datasets/fashion-mnist"
+
+
+def test_an_evaluation_keeps_the_earlier_figures_of_the_same_architecture(tmp_path):
+  from tanglenas.logging import read_summary, update_summary
+
+  update_summary(tmp_path, {"genotype": "A", "evaluation": {"genotype": "A", "retrained_test_acc": 0.9,
+                                                             "extracted_test_acc": 0.5}})
+  commands._record_evaluation(tmp_path, {"genotype": "A", "extracted_test_acc": 0.6, "params": 3})
+  assert read_summary(tmp_path)["evaluation"] == {"genotype": "A", "retrained_test_acc": 0.9,
+                                                  "extracted_test_acc": 0.6, "params": 3}
+  commands._record_evaluation(tmp_path, {"genotype": "B", "params": 4})
+  assert read_summary(tmp_path)["evaluation"] == {"genotype": "B", "params": 4}
 
 
 def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, tmp_path, monkeypatch, capsys):
@@ -161,6 +200,21 @@ def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, 
   monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: calls.append(kwargs) or (lambda: None))
   assert cli.main(["search", "--config", experiment, "--smoke"]) == 0
   assert calls[-1]["overwrite"] and not calls[-1]["workdir"]
+
+
+@pytest.mark.parametrize("error, code, message", [
+  (ValueError("benchmark X lacks Y"), 1, "tanglenas search: error: benchmark X lacks Y\n"),
+  (KeyboardInterrupt(), 130, "tanglenas search: interrupted (the run keeps its last checkpoint: continue it with "
+                             "--resume)\n"),
+])
+def test_a_search_that_fails_or_is_interrupted_ends_with_one_line(experiment, monkeypatch, capsys, error, code,
+                                                                   message):
+  def failing_search():
+    raise error
+
+  monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: failing_search)
+  assert cli.main(["search", "--config", experiment]) == code
+  assert capsys.readouterr().err == message
 
 
 def test_a_diverging_search_ends_with_one_line(experiment, monkeypatch, capsys):
@@ -203,6 +257,15 @@ def test_load_experiment_rejects_files_without_a_config(tmp_path):
   path.write_text("x = 1\n")
   with pytest.raises(ValueError, match="defines no get_config"):
     load_experiment(path)
+  path.write_text("x = (\n")
+  with pytest.raises(ValueError, match="bad.py has a syntax error in line 1"):
+    load_experiment(path)
+  path.write_text("from presets import experiment\n")
+  with pytest.raises(ValueError, match="No module named 'presets' .experiment files import experiments/presets.py"):
+    load_experiment(path)
+  (tmp_path / "notes.txt").write_text("x = 1\n")
+  with pytest.raises(ValueError, match="notes.txt is not a Python file"):
+    load_experiment(tmp_path / "notes.txt")
   path.write_text("def get_config(smoke=False):\n  return {}\n")
   with pytest.raises(ValueError, match="returned dict, not a tanglenas Config"):
     load_experiment(path)

@@ -54,6 +54,13 @@ def test_read_idx_rejects_bad_magic_and_truncated_files(tmp_path):
     f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"ab")
   with pytest.raises(ValueError, match="promises shape"):
     data.read_idx(tmp_path / "short.gz")
+  (tmp_path / "plain.gz").write_bytes(b"not gzip at all")  # a corrupt download
+  with pytest.raises(ValueError, match="plain.gz cannot be read as a gzipped IDX file"):
+    data.read_idx(tmp_path / "plain.gz")
+  whole = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"ab")
+  (tmp_path / "cut.gz").write_bytes(whole[:-6])  # a truncated gzip stream
+  with pytest.raises(ValueError, match="cut.gz cannot be read as a gzipped IDX file"):
+    data.read_idx(tmp_path / "cut.gz")
 
 
 def test_fashion_mnist_from_tiny_files_is_normalized_nhwc(tmp_path):

@@ -124,6 +124,10 @@ def test_evaluate_genotype_extracted_and_benchmark(trained):
   assert result["benchmark_test_acc"] == table.accuracy(genotype)
   assert result["benchmark_rank"] == table.rank(genotype)
   assert result["benchmark_percentile"] == table.percentile(genotype)
+  partial = TabularBenchmark({"k1_w4": {"test_acc": 50.0, "train_acc": 50.0}, "k5_w8": {"test_acc": 60.0,
+                                                                                         "train_acc": 60.0}})
+  result = evaluate.evaluate_genotype(SPACE, "k3_w8", TINY, dataset=DATA, epochs=0, benchmark=partial)
+  assert result == {"genotype": "k3_w8", "params": count_params(SPACE.standalone(trained.supernet, genotype))}
 
 
 def test_retraining_from_scratch_learns(tmp_path):

@@ -426,6 +426,7 @@ def test_evaluate_and_rank_read_a_gm_run_leaf_by_leaf(tmp_path, monkeypatch):
       (own if holds else other)[key] = scorer(TINY_SPACE.parse(key))
   assert sorted(own) == sorted(keys) == sorted(other)  # every architecture lies in exactly one leaf
   assert dict(zip(ranking["genotypes"], ranking["scores"])) == own
+  assert ranking["finished"] and ranking["step"] == 16
   assert own != other
 
 

@@ -24,7 +24,8 @@ def _synthetic_run(workdir, *, ranking: bool = True):
       logits = {d.name: rng.normal(size=d.size) * step / 50 for d in DECISIONS}
       probs = {k: np.exp(v) / np.exp(v).sum() for k, v in logits.items()}
       logger.log_arch(step, probs, DECISIONS)
-      logger.log(step, {"train/loss": 2.0 / (1 + step), "val/loss": 2.2 / (1 + step), "val/accuracy": step / 200})
+      logger.log(step, {"train/loss": 2.0 / (1 + step), "val/loss": 2.2 / (1 + step), "val/accuracy": step / 200,
+                        "benchmark_test_acc": 80 + step / 20})  # a table in percent
       paths = {d.name: rng.dirichlet(np.ones(d.size)) for d in DECISIONS}
       logger.log_distributions(step, {"paths": paths, "examples": rng.dirichlet(np.ones(100))}, DECISIONS)
   if ranking:
@@ -55,7 +56,7 @@ def test_figures_show_the_logged_decisions_curves_and_tau(tmp_path):
   assert top == pytest.approx(1.0)
   curves = plots.curves_figure(records)
   labels = [[line.get_label() for line in ax.lines] for ax in curves.axes]
-  assert labels == [["train/loss", "val/loss"], ["val/accuracy"]]
+  assert labels == [["train/loss", "val/loss"], ["val/accuracy"], ["benchmark_test_acc"]]  # percent apart
   np.testing.assert_allclose(curves.axes[0].lines[0].get_ydata(), [2.0 / (1 + s) for s in range(0, 200, 20)])
   ranking = plots.ranking_figure(json.loads((tmp_path / "ranking.json").read_text()))
   assert ranking.axes[0].get_title() == "Kendall tau 0.432 (30 architectures)"

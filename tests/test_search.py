@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
+from tanglenas import data as data_lib
 from tanglenas import search as search_lib
 from tanglenas.checkpoint import Checkpointer
 from tanglenas.config import Config
@@ -158,6 +160,19 @@ def test_resume_continues_exactly(reference, tmp_path):
   assert (tmp_path / "summary.json").read_bytes() == summary and (tmp_path / "metrics.jsonl").read_bytes() == metrics
 
 
+def test_resume_after_the_last_checkpoint_writes_the_full_summary(reference, tmp_path):
+  """A search killed after its final checkpoint but before its summary: --resume steps nothing and writes the
+  summary an uninterrupted run writes (the last interval's means included)."""
+  killed = tmp_path / "killed"
+  shutil.copytree(reference.workdir, killed)
+  (killed / "summary.json").unlink()
+  search(TINY, killed, space=SPACE, resume=True)
+  expected = read_summary(reference.workdir)
+  got = read_summary(killed)
+  assert got.pop("step_traces") == 0 and expected.pop("step_traces") == 1
+  assert got == expected
+
+
 def test_each_epoch_logs_its_derived_architecture_and_benchmark_figures(tmp_path):
   """At every epoch end: the genotype the logged probabilities derive, and its accuracy and rank in the given
   tabular benchmark (here every tiny-space architecture with a seeded accuracy)."""
@@ -213,6 +228,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 def test_bad_inputs_fail_with_one_clear_line(tmp_path):
   with pytest.raises(ValueError, match="input_shape|shape"):
     search(TINY.replace(dataset="fashion_mnist", train_limit=64), tmp_path, space=SPACE)
+  ten_classes = data_lib.synthetic_dataset(shape=SPACE.input_shape, num_classes=10, n_train=128)
+  with pytest.raises(ValueError, match="dataset synthetic has 10 classes but space tiny predicts 4"):
+    search_lib.check_dataset(TINY, SPACE, ten_classes)
 
 
 # --- data parallelism -------------------------------------------------------------------------------------------

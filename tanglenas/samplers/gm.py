@@ -476,10 +476,10 @@ def best_leaf(run: Any, state: Any) -> LeafChoice:
   `spos_candidates` random architectures among its allowed choices), scored by the validation accuracy of
   its one-hot path on the leaf's supernet (the first `spos_eval_batches` validation batches, batch norm
   re-estimated on `spos_recalibrate_batches` more)."""
-  from tanglenas.evaluate import SupernetScorer
+  from tanglenas.evaluate import SupernetScorer, scoring_batches
 
   space, config = run.space, run.config
-  eval_batches, recalibration = _validation_batches(run)
+  eval_batches, recalibration = scoring_batches(config, run.val_iter)
   found: dict[int, tuple[Genotype, float]] = {}
   for slot, masks, supernet in leaf_supernets(run, state):
     current = leaf(state, slot)
@@ -537,17 +537,3 @@ def allowed_architectures(space: Space, allowed: Mapping[str, np.ndarray], count
     genotype = space.genotype([int(rng.choice(o)) for o in options])
     seen.setdefault(genotype.text, genotype)
   return list(seen.values())
-
-
-def _validation_batches(run: Any) -> tuple[list, list | None]:
-  """The validation batches leaves are scored on, and those re-estimating batch norm (None: none)."""
-  config, iterator = run.config, run.val_iter
-  available = len(iterator.indices) // config.batch_size
-  n_eval = min(config.spos_eval_batches, available)
-  n_recal = min(config.spos_recalibrate_batches, available - n_eval)
-  if n_eval < 1:
-    raise ValueError(f"the validation split ({len(iterator.indices)} examples) holds no batch of "
-                     f"{config.batch_size} to score leaves on: lower batch_size")
-  batches = [iterator.batch_from_indices(np.arange(i * config.batch_size, (i + 1) * config.batch_size))[:2]
-             for i in range(n_eval + n_recal)]
-  return batches[:n_eval], batches[n_eval:] or None
