@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tanglenas.errors import RunError
+
 
 class Checkpointer:
   """Save and restore `(state, host)` pairs by step in `directory`, keeping the newest `max_to_keep`.
@@ -72,7 +74,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=args)
     except ValueError as e:  # orbax checks structure and shapes against the target
       reason = str(e).splitlines()[0]
-      raise ValueError(f"checkpoint of step {step} does not fit the state ({reason}); resume with the "
+      raise RunError(f"checkpoint of step {step} does not fit the state ({reason}); resume with the "
                        "configuration the run was started with") from None
     return restored.state, dict(restored.host), step
 

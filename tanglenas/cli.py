@@ -24,7 +24,7 @@ import tyro
 
 from tanglenas import commands
 from tanglenas.config import Config, Scalar, load_experiment
-from tanglenas.errors import DivergenceError
+from tanglenas.errors import DivergenceError, RunError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     run()
-  except (DivergenceError, ValueError, FileNotFoundError) as error:  # the run's files and checkpoints stay
+  except (DivergenceError, RunError) as error:  # the run's files and checkpoints stay
     print(f"tanglenas {args.command}: error: {error}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:

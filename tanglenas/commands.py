@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tanglenas.config import Config, validate
+from tanglenas.errors import RunError
 from tanglenas.logging import read_config, read_metrics, read_summary, update_summary
 
 RUNS_DIR = Path("runs")
@@ -49,8 +50,9 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   if resume and not holds_run:
     raise FileNotFoundError(f"nothing to resume in {path} (no config.json): drop --resume to start a new run, "
                             "or pass the --workdir of an earlier run")
+  saved = load_run_config(path) if resume else None
   if resume:
-    _check_resumable(load_run_config(path), config, path)
+    _check_resumable(saved, config, path)
   elif holds_run and not overwrite:
     raise ValueError(f"{path} already holds a run: pass --resume to continue it, --overwrite to start over, "
                      "or another --workdir")
@@ -64,7 +66,9 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   def run() -> None:
     from tanglenas.search import search
 
-    evaluated = read_summary(path).get("evaluation") if resume else None  # a finished run: nothing to redo
+    # A finished run resumed with the same evaluation settings has nothing to evaluate again.
+    same = resume and all(getattr(saved, k) == getattr(config, k) for k in ("eval_epochs", "benchmark"))
+    evaluated = read_summary(path).get("evaluation") if same else None
     result = search(config, path, resume=resume, space=space, dataset=dataset)
     evaluation = evaluated or _evaluate(config, result.genotype, supernet=result.supernet, dataset=dataset)
     if not evaluated:
@@ -203,8 +207,11 @@ def rank_architectures(run_dir: str | Path, config: Config, table, *, architectu
 
   def score(genotype) -> float:
     choices = run.space.index_map(genotype)
-    return next(scorer for allowed, scorer in scorers
-                if allowed is None or all(allowed[name][i] for name, i in choices.items()))(genotype)
+    holding = [scorer for allowed, scorer in scorers
+               if allowed is None or all(allowed[name][i] for name, i in choices.items())]
+    if not holding:
+      raise RunError(f"no leaf of {run_dir} holds {genotype}: is the checkpoint from before the search's splits?")
+    return holding[0](genotype)
 
   scores = {key: score(run.space.parse(key)) for key in keys}
   return {"genotypes": keys, "scores": list(scores.values()), "accuracies": [table.accuracy(k) for k in keys],
@@ -251,11 +258,11 @@ def _summary_entry(run_dir: str | Path, key: str):
   """What a finished search wrote into summary.json under `key` (its architecture, GM's chosen leaf)."""
   summary = read_summary(run_dir)
   value = summary.get(key)
-  if "diverged_at_step" in summary and not value:
-    raise ValueError(f"the search in {run_dir} diverged at step {summary['diverged_at_step']} and derived no "
+  if "diverged_at_step" in summary and (value is None or value == ""):
+    raise RunError(f"the search in {run_dir} diverged at step {summary['diverged_at_step']} and derived no "
                      "architecture: start a new run with a lower --learning-rate or --arch-learning-rate")
   if value is None or value == "":
-    raise ValueError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
+    raise RunError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
                      "e.g. tanglenas search ... --resume")
   return value
 

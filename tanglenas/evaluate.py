@@ -25,6 +25,7 @@ from flax import nnx
 
 from tanglenas import data as data_lib
 from tanglenas.config import Config
+from tanglenas.errors import RunError
 from tanglenas.nn.arch import ArchParam, one_hot_mixture
 from tanglenas.nn.conv import compiler_options
 from tanglenas.nn.norm import BatchNorm, recalibrate_batch_norm
@@ -35,7 +36,7 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 def derive(space: Space, logits: Mapping[str, Any]) -> Genotype:
   """The architecture of `logits`: per decision the largest. Every strategy's probabilities (softmax,
-  sparsemax, Dirichlet mean) are increasing in the logits, so this is also the argmax of the probabilities."""
+  sparsemax) are increasing in the logits, so this is also the argmax of the probabilities."""
   return space.derive(logits)
 
 
@@ -173,7 +174,7 @@ def check_scoring_batches(config: Config, validation_examples: int) -> None:
   """Raise ValueError where the validation split cannot hold the batches paths are scored on."""
   needed = (config.spos_eval_batches + config.spos_recalibrate_batches) * config.batch_size
   if needed > validation_examples:
-    raise ValueError(f"spos_eval_batches {config.spos_eval_batches} + spos_recalibrate_batches "
+    raise RunError(f"spos_eval_batches {config.spos_eval_batches} + spos_recalibrate_batches "
                      f"{config.spos_recalibrate_batches} batches of {config.batch_size} need {needed} validation "
                      f"examples, but the validation split holds {validation_examples}: lower --spos-eval-batches "
                      "or --spos-recalibrate-batches")

@@ -13,7 +13,7 @@ import pytest
 
 from tanglenas import cli, commands
 from tanglenas.config import Config, load_experiment, validate
-from tanglenas.errors import DivergenceError
+from tanglenas.errors import DivergenceError, RunError
 
 EXPERIMENT = '''
 from tanglenas.config import Config
@@ -203,7 +203,7 @@ def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, 
 
 
 @pytest.mark.parametrize("error, code, message", [
-  (ValueError("benchmark X lacks Y"), 1, "tanglenas search: error: benchmark X lacks Y\n"),
+  (RunError("checkpoint of step 8 does not fit"), 1, "tanglenas search: error: checkpoint of step 8 does not fit\n"),
   (KeyboardInterrupt(), 130, "tanglenas search: interrupted (the run keeps its last checkpoint: continue it with "
                              "--resume)\n"),
 ])
@@ -215,6 +215,15 @@ def test_a_search_that_fails_or_is_interrupted_ends_with_one_line(experiment, mo
   monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: failing_search)
   assert cli.main(["search", "--config", experiment]) == code
   assert capsys.readouterr().err == message
+
+
+def test_an_unexpected_error_in_a_search_keeps_its_traceback(experiment, monkeypatch):
+  def failing_search():
+    raise ValueError("a bug, not a mistake in the input")
+
+  monkeypatch.setattr(commands, "prepare_search", lambda *args, **kwargs: failing_search)
+  with pytest.raises(ValueError, match="a bug"):
+    cli.main(["search", "--config", experiment])
 
 
 def test_a_diverging_search_ends_with_one_line(experiment, monkeypatch, capsys):

@@ -117,7 +117,7 @@ def test_format_and_parse_round_trip(space):
   g = space.parse(DARTS_V2)  # hand-written: list concat, its pairs' order kept
   assert g.text.endswith("reduce_concat=range(2, 6))") and space.parse(g.text) == g
   assert pairs_of(g.text) == pairs_of(DARTS_V2)
-  assert space.genotype(g.indices).indices == g.indices and pairs_of(space.genotype(g.indices).text) != pairs_of(g.text)
+  assert space.genotype(g.indices) == g and pairs_of(space.genotype(g.indices).text) != pairs_of(g.text)  # by indices
   normal = g.indices[:14]
   assert normal[:2] == (OPS.index("sep_conv_3x3"),) * 2
   assert normal[9:14] == (OPS.index("skip_connect"), 0, OPS.index("dil_conv_3x3"), 0, 0)

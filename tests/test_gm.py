@@ -415,7 +415,7 @@ def test_evaluate_and_rank_read_a_gm_run_leaf_by_leaf(tmp_path, monkeypatch):
   ranking = commands.rank_architectures(tmp_path, config, table, architectures=len(keys))
   run, state = commands.load_search_state(tmp_path)
   batches = [run.val_iter.batch_from_indices(np.arange(i * 16, (i + 1) * 16))[:2] for i in range(4)]
-  leaves = gm.leaf_supernets(run, state)
+  leaves = list(gm.leaf_supernets(run, state))
   assert len(leaves) == 2
   own, other = {}, {}
   for _, allowed, leaf_supernet in leaves:

@@ -19,7 +19,8 @@ class BatchNorm(nnx.Module):
   `width_mask` ([C], a mixture of prefix masks) zeroes channels outside the chosen width. `active` (a bool
   scalar or [C]) says which channels' running statistics this batch may update: an operation or width a
   one-hot path does not choose still runs on a zero kernel, and its zeros must not decay the statistics it
-  keeps for the paths that do choose it (the references do not run it at all).
+  keeps for the paths that do choose it (the references do not run it at all). With `momentum=None` the count is
+  shared by all channels, so `active` must stay the same between resets (one path's recalibration).
   """
 
   def __init__(self, num_features: int, *, affine: bool = True, momentum: float | None = 0.1,

@@ -40,7 +40,7 @@ random-sampling mode); here it gets weight 1, so every strategy measures the sam
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -494,16 +494,15 @@ def best_leaf(run: Any, state: Any) -> LeafChoice:
   return LeafChoice(slot, found[slot][0], {s: (g.text, acc) for s, (g, acc) in found.items()})
 
 
-def leaf_supernets(run: Any, state: Any) -> list[tuple[int, dict[str, np.ndarray], nnx.Module]]:
-  """`(slot, allowed choices {decision: bool[K]}, supernet)` of every active leaf of a stacked state."""
+def leaf_supernets(run: Any, state: Any) -> Iterator[tuple[int, dict[str, np.ndarray], nnx.Module]]:
+  """`(slot, allowed choices {decision: bool[K]}, supernet)` of every active leaf of a stacked state, one
+  leaf's supernet built at a time."""
   from tanglenas.search import supernet_of
 
-  result = []
   for slot in active_leaves(state):
     current = leaf(state, slot)
     allowed = {name: np.asarray(m) > 0 for name, m in jax.device_get(current.strategy.masks).items()}
-    result.append((slot, allowed, supernet_of(run, current)))
-  return result
+    yield slot, allowed, supernet_of(run, current)
 
 
 def every_leaf(fn: Callable) -> Callable:

@@ -28,7 +28,7 @@ class Genotype:
 
   space: str
   indices: tuple[int, ...]
-  text: str
+  text: str = dataclasses.field(compare=False)  # a space may print one architecture more than one way (DARTS)
 
   def __str__(self) -> str:
     return self.text

@@ -19,7 +19,8 @@ family of weight 0 has a zero kernel, and an affine-free batch norm maps the all
 A discrete architecture keeps two incoming edges per node (DARTS's derivation); as choice indices it is one
 index per edge where unkept edges are `none`, so the one-hot forward of those indices is the discrete cell.
 Genotype strings are DARTS's `Genotype(normal=[(op, input), ...], normal_concat=range(2, 6), reduce=[...],
-reduce_concat=range(2, 6))`, two pairs per node in node order (inputs ascending within a node).
+reduce_concat=range(2, 6))`, two pairs per node in node order: strongest first where derived (as DARTS prints
+them), as written where parsed, inputs ascending where built from indices. Genotypes compare by indices.
 """
 
 from __future__ import annotations

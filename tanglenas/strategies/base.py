@@ -39,7 +39,7 @@ class Strategy(NamedTuple):
       Advances the state's step (and so every schedule) by one.
     regularizer: `regularizer(logits, state) -> scalar` added to the validation loss (0 for most).
     probs: `probs(logits, state) -> {decision: [K]}`, the deterministic architecture distribution
-      (what is derived and logged): softmax, sparsemax or the Dirichlet mean.
+      (what is derived and logged): softmax or sparsemax of the logits.
     unrolled: the architecture gradient goes through one virtual weight step (second-order DARTS).
     learns_arch: False when there is no architecture step at all (SPOS, fixed).
   """
