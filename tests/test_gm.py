@@ -173,46 +173,46 @@ def test_identical_choices_are_at_distance_zero_and_the_planted_split_is_found()
   assert [float(np.max(m)) for m in include["op"]] == [0.0, 0.0, 1.0, 1.0]  # fc bias, fc kernel, op, shared
 
 
-def test_include_masks_keep_the_part_every_choice_uses_under_weight_entanglement():
-  """Tiny space, `we`: the kernel decision's shared part of the 5x5 super-kernel is the 1x1 centre (kernels 1,
-  3, 5); the width decision's is the first 4 of 8 channels (widths 4, 8). Under `ws` nothing of a decision's
-  own weights is shared."""
-  for mode in ("we", "ws"):
-    model = TINY_SPACE.supernet(mode=mode, rngs=nnx.Rngs(0))
-    weights = nnx.state(model, nnx.Param)
-    include = gm.include_masks(TINY_SPACE, model, weights)
-    paths = [p for p, _ in nnx.to_flat_state(weights)]
-    for name, arrays in include.items():
-      own = {c.path for c in TINY_SPACE.choice_masks(model) if c.decision == name}
-      for path, keep in zip(paths, arrays):
-        if path[0] == "fc":  # the top-level linear classifier is left out
-          assert not keep.any(), (mode, name, path)
-        elif path not in own:
-          assert keep.all(), (mode, name, path)
-        elif mode == "ws":
-          assert not keep.any(), (mode, name, path)
-        elif name == "kernel":  # conv kernel [5, 5, 1, 8]
-          expected = np.zeros(keep.shape)
-          expected[2, 2] = 1
-          np.testing.assert_array_equal(keep, expected)
-        else:  # width, conv kernel: the first 4 output channels
-          assert keep[..., :4].all() and not keep[..., 4:].any(), (mode, name, path)
-
-
-def test_include_masks_leave_out_the_decisions_own_weights_and_the_classifier_on_the_toy_cell():
-  space = get_space("toy_cell", channels=4)
-  model = space.supernet(rngs=nnx.Rngs(0))
-  assert space.gm_excluded(model) == ("fc1", "fc2")  # the default: top-level linear layers
+def include_by_weight(space, model):
+  """`(decision, the paths of its own weights, weight path, include mask)` for every decision and weight."""
   weights = nnx.state(model, nnx.Param)
   include = gm.include_masks(space, model, weights)
   paths = [p for p, _ in nnx.to_flat_state(weights)]
   for name, arrays in include.items():
     own = {c.path for c in space.choice_masks(model) if c.decision == name}
     for path, keep in zip(paths, arrays):
-      if path[0] in ("fc1", "fc2") or path in own:
-        assert not keep.any(), (name, path)  # toy-cell choices cover their whole edge
-      else:
-        assert keep.all(), (name, path)
+      yield name, own, path, keep
+
+
+def test_include_masks_keep_the_part_every_choice_uses_under_weight_entanglement():
+  """Tiny space, `we`: the kernel decision's shared part of the 5x5 super-kernel is the 1x1 centre (kernels 1,
+  3, 5); the width decision's is the first 4 of 8 channels (widths 4, 8). Under `ws` nothing of a decision's
+  own weights is shared."""
+  for mode in ("we", "ws"):
+    for name, own, path, keep in include_by_weight(TINY_SPACE, TINY_SPACE.supernet(mode=mode, rngs=nnx.Rngs(0))):
+      if path[0] == "fc":  # the top-level linear classifier is left out
+        assert not keep.any(), (mode, name, path)
+      elif path not in own:
+        assert keep.all(), (mode, name, path)
+      elif mode == "ws":
+        assert not keep.any(), (mode, name, path)
+      elif name == "kernel":  # conv kernel [5, 5, 1, 8]
+        expected = np.zeros(keep.shape)
+        expected[2, 2] = 1
+        np.testing.assert_array_equal(keep, expected)
+      else:  # width, conv kernel: the first 4 output channels
+        assert keep[..., :4].all() and not keep[..., 4:].any(), (mode, name, path)
+
+
+def test_include_masks_leave_out_the_decisions_own_weights_and_the_classifier_on_the_toy_cell():
+  space = get_space("toy_cell", channels=4)
+  model = space.supernet(rngs=nnx.Rngs(0))
+  assert space.gm_excluded(model) == ("fc1", "fc2")  # the default: top-level linear layers
+  for name, own, path, keep in include_by_weight(space, model):
+    if path[0] in ("fc1", "fc2") or path in own:
+      assert not keep.any(), (name, path)  # toy-cell choices cover their whole edge
+    else:
+      assert keep.all(), (name, path)
 
 
 OUTSIDE_CELLS = [("nb201", dict(channels=2, cells=1), ("stem", "stem_bn", "last_bn", "classifier")),
