@@ -281,6 +281,8 @@ RESUMABLE_CHANGES = ("quiet", "wandb_mode", "wandb_project", "log_every", "check
 def _check_resumable(saved: Config, config: Config, path: Path) -> None:
   """A resumed run continues exactly as if never stopped only under the configuration it started with."""
   before, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (saved, config))  # tuples as saved
+  if before.get("data_dir"):  # a run saved before data_dir was stored absolute: relative to this directory
+    before["data_dir"] = str(Path(before["data_dir"]).expanduser().resolve())
   changed = [name for name in now if name not in RESUMABLE_CHANGES and before.get(name) != now[name]]
   if changed:
     detail = ", ".join(f"{name} {before.get(name)!r} -> {now[name]!r}" for name in changed)

@@ -138,10 +138,10 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
   `cifar-10-batches-py/`. Images come back as (N, 32, 32, 3) float32, normalized per channel with the
   usual CIFAR-10 mean and std. The batches are pickles: load only files you trust.
   """
-  root = Path(data_dir)
-  if (root / CIFAR10_SUBDIR).is_dir():
-    root = root / CIFAR10_SUBDIR
   files = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+  root = Path(data_dir)
+  if (root / CIFAR10_SUBDIR).is_dir() and not all((root / file).is_file() for file in files):
+    root = root / CIFAR10_SUBDIR
   missing = [file for file in files if not (root / file).is_file()]
   if missing:
     raise FileNotFoundError(

@@ -177,6 +177,10 @@ def test_a_relative_data_dir_is_saved_absolute(experiment, tmp_path, monkeypatch
   with pytest.raises(ZeroDivisionError):
     run()
   assert seen[0].data_dir == "/usr/share/datasets/fashion-mnist"
+  # A run saved with the relative path (before paths were stored absolute) resumes from the same directory.
+  _existing_run(tmp_path / "old", load_experiment(experiment, smoke=True).replace(data_dir=relative))
+  commands.prepare_search(load_experiment(experiment, smoke=True).replace(data_dir=relative), experiment,
+                          workdir="old", resume=True)
 
 
 def test_an_evaluation_keeps_the_earlier_figures_of_the_same_architecture(tmp_path):

@@ -109,9 +109,11 @@ def write_cifar(root: Path, per_batch: int = 2) -> dict[str, tuple[np.ndarray, l
   return batches
 
 
-@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("nested", [False, True, "beside an empty cifar-10-batches-py"])
 def test_cifar10_from_tiny_pickles(tmp_path, nested):
-  batches = write_cifar(tmp_path / "cifar-10-batches-py" if nested else tmp_path)
+  if nested == "beside an empty cifar-10-batches-py":  # the batches in the folder given win over an empty one
+    (tmp_path / "cifar-10-batches-py").mkdir()
+  batches = write_cifar(tmp_path / "cifar-10-batches-py" if nested is True else tmp_path)
   dataset = data.load_dataset("cifar10", tmp_path)
   assert dataset.train_x.shape == (10, 32, 32, 3) and dataset.test_x.shape == (2, 32, 32, 3)
   assert dataset.train_x.dtype == np.float32 and dataset.train_y.dtype == np.int32
