@@ -258,13 +258,13 @@ def _summary_entry(run_dir: str | Path, key: str):
   """What a finished search wrote into summary.json under `key` (its architecture, GM's chosen leaf)."""
   summary = read_summary(run_dir)
   value = summary.get(key)
-  if "diverged_at_step" in summary and (value is None or value == ""):
+  if value is not None and value != "":  # gm_leaf 0 is a value
+    return value
+  if "diverged_at_step" in summary:
     raise RunError(f"the search in {run_dir} diverged at step {summary['diverged_at_step']} and derived no "
-                     "architecture: start a new run with a lower --learning-rate or --arch-learning-rate")
-  if value is None or value == "":
-    raise RunError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
-                     "e.g. tanglenas search ... --resume")
-  return value
+                   "architecture: start a new run with a lower --learning-rate or --arch-learning-rate")
+  raise RunError(f"{run_dir} has no derived architecture yet (summary.json): finish its search first, "
+                 "e.g. tanglenas search ... --resume")
 
 
 def _latest_checkpoint(run_dir: str) -> None:

@@ -171,13 +171,13 @@ def evolutionary_search(scorer: SupernetScorer, *, candidates: int, population: 
 
 
 def check_scoring_batches(config: Config, validation_examples: int) -> None:
-  """Raise ValueError where the validation split cannot hold the batches paths are scored on."""
+  """Raise RunError where the validation split cannot hold the batches paths are scored on."""
   needed = (config.spos_eval_batches + config.spos_recalibrate_batches) * config.batch_size
   if needed > validation_examples:
     raise RunError(f"spos_eval_batches {config.spos_eval_batches} + spos_recalibrate_batches "
-                     f"{config.spos_recalibrate_batches} batches of {config.batch_size} need {needed} validation "
-                     f"examples, but the validation split holds {validation_examples}: lower --spos-eval-batches "
-                     "or --spos-recalibrate-batches")
+                   f"{config.spos_recalibrate_batches} batches of {config.batch_size} need {needed} validation "
+                   f"examples, but the validation split holds {validation_examples}: lower --spos-eval-batches "
+                   "or --spos-recalibrate-batches")
 
 
 def scoring_batches(config: Config, val_iter: data_lib.BatchIterator) -> tuple[list[Batch], list[Batch] | None]:
@@ -350,8 +350,8 @@ def evaluate_genotype(space: Space, genotype: Genotype | str, config: Config, *,
 
   Returns:
     {"genotype", "params", and where they apply "extracted_test_acc", "retrained_test_acc",
-    "benchmark_test_acc", "benchmark_rank", "benchmark_percentile" (when the benchmark holds it)}; accuracies are fractions (0..1) except
-    the benchmark's, which are as its table stores them.
+    "benchmark_test_acc", "benchmark_rank", "benchmark_percentile" (when the benchmark holds it)}; accuracies
+    are fractions (0..1) except the benchmark's, which are as its table stores them.
   """
   genotype = space.parse(genotype) if isinstance(genotype, str) else genotype
   if dataset is None:

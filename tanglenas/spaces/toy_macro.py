@@ -62,14 +62,15 @@ def conv_choice_masks(conv: EntangledConv, path: tuple, *, kernel: str | None = 
     return result
   result = []
   for idx, (i, j) in enumerate(itertools.product(range(len(conv.kernel_sizes)), range(len(conv.out_widths)))):
-    weights = [(path + ("kernels", idx), 5)] + ([(path + ("biases", idx), 2)] if conv.use_bias else [])
-    for weight_path, ndim in weights:  # one-hot masks [K, 1, ...] over the candidate's kernel choice, width choice
+    weights = [(("kernels", idx), conv.kernels[idx])] + ([(("biases", idx), conv.biases[idx])] if conv.use_bias else [])
+    for name, weight in weights:  # one-hot masks [K, 1, ...] over the candidate's kernel choice, width choice
+      ones = (1,) * weight.ndim
       if kernel is not None:
-        masks = np.eye(len(conv.kernel_sizes), dtype=np.float32)[i]
-        result.append(ChoiceMask(kernel, weight_path, masks.reshape((-1,) + (1,) * (ndim - 1))))
+        masks = np.eye(len(conv.kernel_sizes), dtype=np.float32)[i].reshape((-1,) + ones)
+        result.append(ChoiceMask(kernel, path + name, masks))
       if out is not None:
-        masks = np.eye(len(conv.out_widths), dtype=np.float32)[j]
-        result.append(ChoiceMask(out, weight_path, masks.reshape((-1,) + (1,) * (ndim - 1))))
+        masks = np.eye(len(conv.out_widths), dtype=np.float32)[j].reshape((-1,) + ones)
+        result.append(ChoiceMask(out, path + name, masks))
     if in_ is not None:
       result.append(ChoiceMask(in_, path + ("kernels", idx), in_masks))
   return result
