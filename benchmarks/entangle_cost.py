@@ -1,7 +1,7 @@
 """What entangling kernel sizes costs: a conv stack with 4 kernel choices in `we` and `ws` against the plain
 network at the largest choice.
 
-Run: `python benchmarks/entangle_cost.py [--layers 3] [--channels 16] [--size 32] [--batch 64] [--depthwise]`.
+Run: `python benchmarks/entangle_cost.py [--layers 3] [--channels 16] [--size 16] [--batch 64] [--depthwise]`.
 Prints, measured in this one run, the jitted training step (forward + backward + SGD on a soft mixture;
 median over `repeats` round-robin rounds after warm-up) and XLA's compiled temporary memory of the step, each
 as a ratio to the plain network. The TangleNAS paper's expectation: `we` within ~1.3x of the plain network

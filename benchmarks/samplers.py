@@ -71,7 +71,8 @@ def main() -> None:
 
   dataset = synthetic_dataset(shape=(28, 28, 1), num_classes=10, n_train=8 * args.batch, n_test=args.batch)
   base = Config(space="toy_cell", space_options={"channels": args.channels, "impl": args.impl}, strategy="spos",
-                epochs=2, batch_size=args.batch, gm_batches=args.gm_batches, quiet=True, wandb_mode="disabled")
+                epochs=2, batch_size=args.batch, gm_batches=args.gm_batches, spos_eval_batches=2, quiet=True,
+                wandb_mode="disabled")
   print(f"toy cell, channels {args.channels}, batch {args.batch}, depthwise conv: {resolve_impl(args.impl)}, "
         f"GM leaves: {leaves}, backend {jax.default_backend()}, {args.repeats} rounds")
   variants = {}

@@ -14,8 +14,9 @@ them alike. Compare the ratios, not absolute times across runs.
 Columns: search step = architecture step (validation batch) + weight step (training batch) in one jitted
 call, as the loop runs it (spos: the weight step only); arch / weight step, each jitted on its own; forward,
 the training-mode loss; memory, XLA's temporary buffers of the compiled step (`memory_analysis()`: the peak
-above the model, its optimizer state and the batch); compile, traces of the search step over every timed
-call (1: no recompilation) and the seconds that tracing and compiling it took.
+above the model, its optimizer state and the batch); compile, traces of the search step over every call, its
+state threaded through as the loop does (1: no recompilation), and the seconds its first call took
+(tracing and compiling).
 
 Default: toy cell `we` darts and drnas, `ws` darts, and the macro space `we` darts, each with its baseline
 (a few minutes on 2 cores). `--all`: every strategy in `we` and `ws` on the toy cell ([4/6]'s table).
@@ -63,8 +64,9 @@ SETUPS = {
 
 
 class CompiledChain:
-  """A `(state, *args) -> (state, out)` function compiled once ahead of time (so that its memory can be read),
-  called repeatedly with the (donated) state threaded through."""
+  """A `(state, *args) -> (state, out)` function jitted once and called repeatedly with the (donated) state
+  threaded through, as the search loop calls its step: `traces` counts its traces over every call (a state
+  that came back with another structure or dtype would trace again)."""
 
   def __init__(self, fn: Callable, state, *args):
     self.traces = 0
@@ -73,15 +75,17 @@ class CompiledChain:
       self.traces += 1
       return fn(state, *args)
 
+    self.jitted = jax.jit(counted, donate_argnums=0, compiler_options=compiler_options())
+    self.args = args
     start = time.perf_counter()
-    jitted = jax.jit(counted, donate_argnums=0, compiler_options=compiler_options())
-    self.compiled = jitted.lower(state, *args).compile()
-    self.compile_s = time.perf_counter() - start
-    self.memory_bytes = self.compiled.memory_analysis().temp_size_in_bytes
-    self.state, self.args = state, args
+    self.state, out = self.jitted(state, *args)
+    jax.block_until_ready(out)
+    self.compile_s = time.perf_counter() - start  # tracing, compiling and one call
+    # The executable the call compiled (JAX caches it: no second trace or compile), for its memory.
+    self.memory_bytes = self.jitted.lower(self.state, *args).compile().memory_analysis().temp_size_in_bytes
 
   def __call__(self):
-    self.state, out = self.compiled(self.state, *self.args)
+    self.state, out = self.jitted(self.state, *self.args)
     return out
 
 
@@ -142,6 +146,11 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--impl", default="auto", choices=("auto", "shifted", "lax"), help="depthwise formulation")
   args = parser.parse_args()
+  for flag, given, known in (("--spaces", args.spaces, SETUPS), ("--strategies", args.strategies, STRATEGIES),
+                             ("--modes", args.modes, ("we", "ws"))):
+    unknown = sorted(set((given or "").split(",")) - set(known) - {""})
+    if unknown:
+      parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
   plan = {"toy_cell": [(m, s) for m in ("we", "ws") for s in STRATEGIES]} if args.all else dict(DEFAULT_ROWS)
   if args.spaces:
     plan = {space: plan.get(space, DEFAULT_ROWS[space]) for space in args.spaces.split(",")}

@@ -1,5 +1,7 @@
 """nanoGPT's character-level language-model space on Tiny Shakespeare, weight entanglement, DrNAS:
-TangleNAS's CharLM search (batch 16, 80% of the text for the weights).
+TangleNAS's CharLM search (batch 16, 80% of the text for the weights). Not reproduced: the weights use
+tanglenas's SGD, not nanoGPT's AdamW, and batches are fixed non-overlapping windows of the text, where
+nanoGPT draws each window at a random offset.
 
   tanglenas search --config experiments/nanogpt_drnas.py --data-dir PATH/TO/input.txt
   tanglenas search --config experiments/nanogpt_drnas.py --smoke  # tiny model on synthetic text, no file

@@ -2,8 +2,9 @@
 
 Every experiment is a small file with `get_config(smoke: bool = False) -> Config` built by `experiment()`
 below, and its run command in its docstring. `smoke=True` shrinks a run to about a minute on a laptop CPU:
-the space's tiny widths, a few hundred examples, one epoch; everything else stays as in the experiment, so
-the smoke run exercises the same code paths.
+the space's tiny widths, a few hundred examples, one epoch (two for the samplers that change at an epoch's
+end: gradient matching splits after the first, PA&DA samples the second's data by importance); everything
+else stays as in the experiment, so the smoke run exercises the same code paths.
 """
 
 from __future__ import annotations
@@ -39,21 +40,35 @@ def experiment(space: str, strategy: str, *, smoke: bool, **settings: Any) -> Co
     return config
   preset = SMOKE[space]
   options = {**config.space_options, **preset.get("space_options", {})}
-  split_epochs = tuple(e for e in config.gm_split_epochs if e < SMOKE_RUN["epochs"])
-  return config.replace(**{**SMOKE_RUN, **preset, "space_options": options, "gm_split_epochs": split_epochs})
+  epochs = 2 if config.sampler in ("gm", "pada") else SMOKE_RUN["epochs"]
+  split_epochs = (1,) if config.gm_split_epochs else ()
+  return config.replace(**{**SMOKE_RUN, **preset, "epochs": epochs, "space_options": options,
+                           "gm_split_epochs": split_epochs})
 
 
 def toy_cell(strategy: str, mode: str, *, smoke: bool) -> Config:
   """TangleNAS's toy cell search on Fashion-MNIST: DARTS under weight entanglement mixes with sparsemax, as
   TangleNAS's code does; weight sharing with softmax."""
   mixture = "sparsemax" if strategy in ("darts", "darts2") and mode == "we" else "softmax"
-  return experiment("toy_cell", strategy, mode=mode, epochs=TOY_EPOCHS[strategy], mixture=mixture, smoke=smoke)
+  learning_rate = 0.01 if strategy == "spos" else Config.learning_rate  # TangleNAS's toy_cell-spos.config
+  return experiment("toy_cell", strategy, mode=mode, epochs=TOY_EPOCHS[strategy], mixture=mixture,
+                    learning_rate=learning_rate, smoke=smoke)
 
 
+# TangleNAS's conv macro search (configs/search/toy_conv_macro-drnas.config; search/experiment_search.py's
+# Adam, weight decay 5e-4).
+TOY_MACRO = dict(epochs=TOY_EPOCHS["drnas"], weight_optimizer="adam", learning_rate=3e-4, learning_rate_min=1e-4,
+                 weight_decay=5e-4)
 # PA&DA's NAS-Bench-201 supernet training (github.com/ShunLu91/PA-DA, nasbench201/train_panda_201.py):
-# SGD lr 0.05 with plain momentum, cosine-annealed to 0, weight decay 2.5e-4, batch 256, 250 epochs, half of
-# the CIFAR-10 training set.
+# SGD lr 0.05 with plain momentum, cosine-annealed to 0, weight decay 2.5e-4, batch 256, 250 epochs. The
+# authors train on all 50k CIFAR-10 training images and score on the test set; here 10% of the training set
+# is held out to score paths on, so that the test set stays unseen.
 PADA_NB201 = dict(epochs=250, learning_rate=0.05, learning_rate_min=0.0, nesterov=False, weight_decay=2.5e-4,
-                  batch_size=256, val_fraction=0.5)
-# GM-NAS's supernet training (WS-GM, on DARTS's train_search.py): DARTS's SGD, plain momentum.
-GM_DARTS = dict(epochs=50, nesterov=False, sampler="gm", gm_split_epochs=(15, 30))
+                  batch_size=256, val_fraction=0.1)
+# GM-NAS's DARTS-space supernet training (WS-GM, sota/cnn/train_search_ws.py on DARTS's train_search.py):
+# DARTS's SGD, plain momentum, weight decay 3e-4.
+GM_DARTS = dict(epochs=50, nesterov=False, weight_decay=3e-4, sampler="gm", gm_split_epochs=(15, 30))
+# The authors' GM + DARTS (2nd order) command on NAS-Bench-201 (WS-GM/README: ws-so-darts-201.sh --split_ckpts
+# 15,30 --projection_warmup_epoch 30 --fs_opt 1): 30 + 30 epochs, --fs_opt's Nesterov SGD, batch 48, weight
+# decay 5e-4.
+GM_NB201 = dict(epochs=60, nesterov=True, batch_size=48, weight_decay=5e-4, sampler="gm", gm_split_epochs=(15, 30))

@@ -7,6 +7,7 @@ to a record `{"test_acc": float, "train_acc": float, ...}` (optionally `num_para
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
@@ -143,13 +144,19 @@ def _check_format(table: Any, name: str) -> None:
 def kendall_tau(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
   """Kendall's tau-b between two paired score lists (ties handled; NaN when either list is constant)."""
   a, b = _paired(a, b)
-  return float(scipy.stats.kendalltau(a, b).statistic)
+  return math.nan if _constant(a, b) else float(scipy.stats.kendalltau(a, b).statistic)
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-  """Spearman's rank correlation between two paired score lists (ties get average ranks)."""
+  """Spearman's rank correlation between two paired score lists (ties get average ranks; NaN when either list
+  is constant)."""
   a, b = _paired(a, b)
-  return float(scipy.stats.spearmanr(a, b).statistic)
+  return math.nan if _constant(a, b) else float(scipy.stats.spearmanr(a, b).statistic)
+
+
+def _constant(*lists: np.ndarray) -> bool:
+  """Whether a list has one value only: rank correlations are undefined (scipy warns and returns NaN)."""
+  return any(np.all(x == x[0]) for x in lists)
 
 
 def top_k_overlap(scores: Sequence[float] | np.ndarray, truth: Sequence[float] | np.ndarray, k: int) -> float:

@@ -107,7 +107,11 @@ def _parse_search(config_file: str, smoke: bool, args: Sequence[str]) -> SearchC
     if exit.code:  # tyro drew a box around its message: keep the message
       raise ValueError(_boxed_message(captured.getvalue())) from None
     raise
-  options = {**command.run.space_options, **dict(map(_space_option, command.space_option))}
+  given = [_space_option(item) for item in command.space_option]
+  repeated = sorted({key for key, _ in given if [k for k, _ in given].count(key) > 1})
+  if repeated:
+    raise ValueError(f"--space-option gives {', '.join(repeated)} more than once: give each option once")
+  options = {**command.run.space_options, **dict(given)}
   return dataclasses.replace(command, run=command.run.replace(space_options=options))
 
 

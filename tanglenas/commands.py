@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import typing
 from collections.abc import Callable
@@ -59,8 +60,9 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   space = _space(config)
   dataset = load_dataset(config, space)
   check_dataset(config, space, dataset)
-  if holds_run and not resume:
+  if not resume:
     _check_supernet_builds(space, config)
+  if holds_run and not resume:
     _clear_run(path)
 
   def run() -> None:
@@ -128,12 +130,21 @@ def prepare_rank(run_dir: str, *, benchmark: str, architectures: int = 100) -> C
 
   def run() -> None:
     ranking = rank_architectures(run_dir, config, table, architectures=architectures, dataset=dataset)
-    Path(run_dir, "ranking.json").write_text(json.dumps({"benchmark": str(benchmark), **ranking}, indent=1))
+    Path(run_dir, "ranking.json").write_text(json.dumps({"benchmark": str(benchmark), **nan_as_null(ranking)},
+                                                        indent=1))
     print(f"Kendall tau {ranking['kendall_tau']:.4f}, Spearman {ranking['spearman']:.4f} over "
           f"{ranking['n']} architectures (ranking.json in {run_dir})")
+    if math.isnan(ranking["kendall_tau"]):
+      print("note: the supernet scores every architecture the same, so rank correlations are undefined (null)")
     if not ranking["finished"]:
       print(f"note: the search has not finished; this ranks its supernet at step {ranking['step']}")
   return run
+
+
+def nan_as_null(report: dict) -> dict:
+  """`report` with NaN (rank correlations of a supernet that scores every architecture the same) as None,
+  which JSON writes as null: strict JSON readers refuse NaN."""
+  return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in report.items()}
 
 
 def prepare_plot(run_dir: str) -> Callable[[], None]:
@@ -292,7 +303,7 @@ def _check_resumable(saved: Config, config: Config, path: Path) -> None:
 
 def _check_supernet_builds(space, config: Config) -> None:
   """Build the supernet's structure (shapes only, in seconds), so that a space option of the wrong type fails
-  before an old run is deleted."""
+  in one line, and before an old run is deleted."""
   from flax import nnx
 
   try:

@@ -32,14 +32,16 @@ class Config:
   data_dir: str = ""  # empty: the dataset's default location (Debian's package for Fashion-MNIST)
   train_limit: int = 0  # use only this many training examples, and test examples (0: all); for smoke runs
   val_fraction: float = 0.5  # share of the training set held out for the architecture step
+  augment: bool = True  # random crops and flips of CIFAR-10 / ImageNet training images (tanglenas/augment.py)
 
   # --- weights (TangleNAS defaults) ----------------------------------------------------------------------
   epochs: int = 50  # search epochs
   batch_size: int = 64  # examples per training batch (and per validation batch)
-  learning_rate: float = 0.025  # SGD, cosine-annealed to `learning_rate_min`
+  weight_optimizer: Literal["sgd", "adam"] = "sgd"  # adam: Adam(0.9, 0.995), TangleNAS's macro-space runs
+  learning_rate: float = 0.025  # cosine-annealed to `learning_rate_min`
   learning_rate_min: float = 1e-3
-  momentum: float = 0.9
-  nesterov: bool = True  # TangleNAS's; the DARTS-derived code of PA&DA and GM-NAS uses plain momentum
+  momentum: float = 0.9  # sgd
+  nesterov: bool = True  # sgd; TangleNAS's; the DARTS-derived code of PA&DA and GM-NAS uses plain momentum
   weight_decay: float = 5e-4
   grad_clip: float = 5.0  # global norm
 
@@ -192,12 +194,15 @@ def _check_combinations(config: Config, space: Any) -> None:
     raise ValueError(f"gdas_tau_min {config.gdas_tau_min} exceeds gdas_tau_max {config.gdas_tau_max}")
   if config.mixture != "softmax" and config.strategy not in ("darts", "darts2"):
     raise ValueError(f"mixture {config.mixture} is only used by strategies darts and darts2, not "
-                     f"{config.strategy}: drop --mixture")
+                     f"{config.strategy}: pass --mixture softmax")
   if config.drnas_kl_weight and config.strategy != "drnas":
     raise ValueError(f"drnas_kl_weight is only used by strategy drnas, not {config.strategy}")
   if config.drnas_kl_weight and config.arch_weight_decay:
     raise ValueError("DrNAS regularizes its architecture by either the KL term or L2 weight decay, not both: with "
                      "--drnas-kl-weight give --arch-weight-decay 0")
+  if config.strategy == "darts2" and config.weight_optimizer != "sgd":
+    raise ValueError(f"darts2's virtual step is DARTS's SGD step, but the weights train with "
+                     f"{config.weight_optimizer}: use --weight-optimizer sgd or strategy darts")
   if config.strategy == "darts2" and config.sampler in ("uniform", "pada"):
     raise ValueError(f"darts2 differentiates through a weight step on its own mixture, but sampler {config.sampler} "
                      "trains sampled paths: use --sampler none or gm, or strategy darts")

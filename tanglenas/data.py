@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tanglenas.augment import Augmentation, crop_and_flip
 from tanglenas.registry import Registry
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's `dataset-fashion-mnist`
@@ -30,12 +31,14 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_SUBDIR = "cifar-10-batches-py"
-CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)  # per channel, as DARTS and TangleNAS normalize
+CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)  # per channel, as DARTS (TangleNAS: the same to 1e-3)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
 IMAGENET_TRAIN_FILES = tuple(f"train_data_batch_{i}" for i in range(1, 11))  # downsampled ImageNet's pickles
 IMAGENET_VAL_FILE = "val_data"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet's per-channel statistics, as torchvision's models use them
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Downsampled ImageNet's per-channel statistics as NAS-Bench-201 and TangleNAS normalize it ([122.68, 116.66,
+# 104.01] / 255 and [63.22, 61.26, 65.09] / 255, computed on ImageNet16).
+IMAGENET_MEAN = (0.48109804, 0.45749020, 0.40788235)
+IMAGENET_STD = (0.24792157, 0.24023529, 0.25525490)
 IMAGENET_CLASSES = {"imagenet": 1000, "imagenet16_120": 120}  # dataset name -> classes kept (labels 1..n)
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
@@ -44,7 +47,8 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 class Dataset(NamedTuple):
   """Examples and int32 targets: float32 NHWC images with their class labels, or int32 token windows [N, T]
-  with their next-token targets [N, T] (the text datasets, `TEXT_DATASETS`)."""
+  with their next-token targets [N, T] (the text datasets, `TEXT_DATASETS`). `augmentation`: the standard
+  augmentation of its training images (`tanglenas.augment`), None where the papers train without."""
 
   train_x: np.ndarray
   train_y: np.ndarray
@@ -52,6 +56,7 @@ class Dataset(NamedTuple):
   test_y: np.ndarray
   num_classes: int
   name: str
+  augmentation: Augmentation | None = None
 
 
 DATASETS: Registry[Dataset] = Registry("dataset")
@@ -93,6 +98,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
   ndim = raw[3]
   header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f"{path}: IDX header promises {ndim} dimensions but the file holds only {len(raw)} bytes: "
+                     "reinstall the dataset")
   shape = struct.unpack(f">{ndim}I", raw[4:header])
   dtype = np.dtype(_IDX_DTYPES[raw[2]])
   expected = math.prod(shape) * dtype.itemsize
@@ -105,8 +113,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
   """Fashion-MNIST (Xiao et al., 2017) from its four idx.gz files: 60k/10k 28x28 grey images, 10 classes.
 
-  Images are scaled to [0, 1] and normalized with the dataset's mean 0.2860 and std 0.3530 (the values
-  TangleNAS uses for its toy cell space); shape (N, 28, 28, 1).
+  Images are scaled to [0, 1] and normalized with the training images' mean 0.2860 and std 0.3530 (TangleNAS's
+  toy cell code uses 0.2859 and 0.3530); shape (N, 28, 28, 1).
   """
   root = FASHION_MNIST_DIR if data_dir is None else Path(data_dir)
   paths = {split: root / file for split, file in FASHION_MNIST_FILES.items()}
@@ -118,9 +126,10 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> Dataset:
   arrays = {split: read_idx(path) for split, path in paths.items()}
   for split in ("train", "test"):
     images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-      raise ValueError(f"Fashion-MNIST in {root}: {split} images {images.shape} and labels {labels.shape} "
-                       "do not pair up as (N, H, W) and (N,)")
+    if images.ndim != 3 or labels.shape != images.shape[:1] or images.dtype != np.uint8:
+      raise ValueError(f"Fashion-MNIST in {root}: {split} images {images.dtype} {images.shape} and labels "
+                       f"{labels.shape} are not uint8 (N, H, W) and (N,): reinstall the dataset")
+    check_labels(labels, 10, f"Fashion-MNIST {split} labels in {root}")
   return Dataset(
     train_x=_normalize(arrays["train_x"][..., None], FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     train_y=arrays["train_y"].astype(np.int32),
@@ -136,7 +145,8 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
 
   `data_dir` is the folder holding `data_batch_1..5` and `test_batch`, or the one holding the unpacked
   `cifar-10-batches-py/`. Images come back as (N, 32, 32, 3) float32, normalized per channel with the
-  usual CIFAR-10 mean and std. The batches are pickles: load only files you trust.
+  usual CIFAR-10 mean and std; trained on with random crops (padding 4) and flips. The batches are pickles:
+  load only files you trust.
   """
   files = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
   root = Path(data_dir)
@@ -156,6 +166,7 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     test_y=test_y,
     num_classes=10,
     name="cifar10",
+    augmentation=crop_and_flip(32, CIFAR10_MEAN, CIFAR10_STD),
   )
 
 
@@ -202,19 +213,27 @@ def _cifar10_from_dir(data_dir: str | Path | None) -> Dataset:
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
   images, labels = _read_pickled_images(path, "CIFAR-10 python batch", image_size=32)
+  check_labels(labels, 10, str(path))
   return images, labels.astype(np.int32)
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Class labels must lie in [0, num_classes): a label beyond would silently corrupt the loss."""
+  if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+    raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got the range [{labels.min()}, "
+                     f"{labels.max()}]: the file is corrupt or not this dataset")
+
+
 def _read_pickled_images(path: Path, kind: str, *, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 NHWC images and their labels from a python-pickle batch as CIFAR and downsampled ImageNet store
-  them: a dict whose "data" rows are one image each as channel planes (all red, then green, then blue; each
-  plane row-major) and whose "labels" are the classes. Keys may be bytes (python-2 pickles) or str.
-  `image_size` None: inferred from the row length."""
+  """uint8 NHWC images and their labels from a batch as CIFAR and downsampled ImageNet store them: a python
+  pickle (or, named *.npz, a NumPy archive) of a dict whose "data" rows are one image each as channel planes
+  (all red, then green, then blue; each plane row-major) and whose "labels" are the classes. Pickle keys may be
+  bytes (python-2 pickles) or str. `image_size` None: inferred from the row length."""
   with open(path, "rb") as f:
     try:
-      batch = pickle.load(f, encoding="bytes")
+      batch = dict(np.load(f, allow_pickle=False)) if path.suffix == ".npz" else pickle.load(f, encoding="bytes")
     except Exception as error:  # unpickling arbitrary bytes can raise almost any exception
-      raise ValueError(f"{path} is not a {kind}: it does not unpickle ({type(error).__name__}: {error})") from None
+      raise ValueError(f"{path} is not a {kind}: it does not load ({type(error).__name__}: {error})") from None
   if isinstance(batch, dict):
     batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
   if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
@@ -236,11 +255,13 @@ def load_downsampled_imagenet(data_dir: str | Path, *, num_classes: int = 1000, 
   Alternative to the CIFAR datasets"): ImageNet-1k's 1.28M training and 50k validation images, box-resized
   to 16x16, 32x32 or 64x64, from image-net.org's "Downsampled ImageNet" downloads.
 
-  `data_dir` holds `train_data_batch_1..10` and `val_data` (python pickles: "data" uint8 [N, 3*S*S] as
-  channel planes, "labels" 1..1000), or the unpacked folders of the downloads (e.g. `Imagenet32_train/`,
-  `Imagenet32_val/`) directly below it. The image size S is read from the data; `image_size`, when given,
-  must match it. `val_data` is the test split. Labels come back 0-based; images as (N, S, S, 3) float32,
-  normalized with ImageNet's per-channel mean and std. The pickles can run code: load only files you trust.
+  `data_dir` holds `train_data_batch_1..10` and `val_data` (python pickles, or the `.npz` variant of the
+  download: "data" uint8 [N, 3*S*S] as channel planes, "labels" 1..1000), or the unpacked folders of the
+  downloads (e.g. `Imagenet32_train/`, `Imagenet32_val/`) directly below it. The image size S is read from
+  the data; `image_size`, when given, must match it. `val_data` is the test split. Labels come back 0-based;
+  images as (N, S, S, 3) float32, normalized per channel as NAS-Bench-201 normalizes ImageNet16-120, and
+  trained on with random crops (padding S / 8) and flips. The pickles can run code: load only files you
+  trust.
 
   Args:
     num_classes: keep only the examples of classes 1..num_classes (NAS-Bench-201's ImageNet16-120, Dong and
@@ -271,6 +292,7 @@ def load_downsampled_imagenet(data_dir: str | Path, *, num_classes: int = 1000, 
     test_y=test_y,
     num_classes=num_classes,
     name="imagenet" if num_classes == 1000 else f"imagenet{train_x.shape[1]}_{num_classes}",
+    augmentation=crop_and_flip(train_x.shape[1], IMAGENET_MEAN, IMAGENET_STD),
   )
 
 
@@ -299,8 +321,10 @@ def _read_imagenet_split(paths: Sequence[Path], num_classes: int, image_size: in
 
 
 def find_imagenet_file(root: Path, file: str) -> Path | None:
-  """`root/file`, or `root/<download folder>/file`; None when neither exists."""
-  found = [path for path in (root / file, *sorted(root.glob(f"*/{file}"))) if path.is_file()]
+  """`root/file`, or `root/<download folder>/file`, each as a pickle or as image-net.org's `.npz` variant; None
+  when none exists."""
+  found = [path for name in (file, f"{file}.npz") for path in (root / name, *sorted(root.glob(f"*/{name}")))
+           if path.is_file()]
   if len(found) > 1:
     raise ValueError(f"{file} is in {len(found)} places under {root} ({', '.join(map(str, found))}): pass "
                      "data_dir= (--data-dir) the folder of one image size")
@@ -362,7 +386,8 @@ def split_train_val(n: int, val_fraction: float = 0.5, seed: int = 0) -> tuple[n
   """Split `range(n)` into disjoint, covering, sorted (train_idx, val_idx) for bilevel search.
 
   DARTS (Liu et al., ICLR 2019) and TangleNAS search with half of the training set for the weights and the
-  other half for the architecture; which half each example lands in is decided by `seed`.
+  other half for the architecture. They take the first and the second half of the file order; here a
+  permutation drawn from `seed` decides which half each example lands in, so seeds also vary the split.
   """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
@@ -545,7 +570,8 @@ TEXT_DATASETS = ("text", "synthetic_text")  # next-token windows, for language-m
 
 def text_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Non-overlapping windows of a token stream, x[i] = tokens[s_i : s_i+T] and its next-token targets
-  y[i] = tokens[s_i+1 : s_i+T+1] with s_i = i * T: strided views of `tokens`, no copy."""
+  y[i] = tokens[s_i+1 : s_i+T+1] with s_i = i * T: strided views of `tokens`, no copy. (nanoGPT instead draws
+  each window at a random offset.)"""
   if block_size < 1 or len(tokens) < block_size + 1:
     raise ValueError(f"a token stream of {len(tokens)} holds no window of block_size={block_size} (and its "
                      "next token): use a longer text or a smaller block_size")

@@ -7,6 +7,7 @@ backend (notebooks keep their inline display) and works on machines without a di
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,8 +126,9 @@ def ranking_figure(ranking: Mapping[str, Any]) -> Figure:
   figure = Figure(figsize=(5, 4.2), layout="constrained")
   ax = figure.subplots()
   ax.scatter(ranking["accuracies"], ranking["scores"], s=14, alpha=0.7)
+  tau = ranking["kendall_tau"]  # null in ranking.json when the scores are all equal
   ax.set(xlabel="benchmark accuracy", ylabel=ranking.get("score_name", "supernet score"),
-         title=f"Kendall tau {ranking['kendall_tau']:.3f} ({len(ranking['scores'])} architectures)")
+         title=f"Kendall tau {math.nan if tau is None else tau:.3f} ({len(ranking['scores'])} architectures)")
   ax.grid(alpha=0.3)
   return figure
 

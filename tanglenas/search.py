@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tanglenas import data as data_lib
+from tanglenas.augment import Augmentation, augment
 from tanglenas.benchmarks import TabularBenchmark
 from tanglenas.config import Config
 from tanglenas.errors import DivergenceError
@@ -98,17 +99,22 @@ class Run(NamedTuple):
   total_steps: int
   mesh: Mesh
   choice_masks: list[ChoiceMask]
+  augmentation: Augmentation | None  # of the training and validation batches (both drawn from training data)
 
 
 # --- optimizers -----------------------------------------------------------------------------------------
 def weight_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """TangleNAS's weight optimizer: global-norm clipping, then PyTorch-style SGD (weight decay added to the
-  gradient, Nesterov or plain momentum), learning rate cosine-annealed from `learning_rate` to
-  `learning_rate_min` over `total_steps` (per step, where the reference anneals per epoch)."""
+  gradient, Nesterov or plain momentum) or, with `weight_optimizer="adam"`, PyTorch's Adam with betas (0.9,
+  0.995) and weight decay added to the gradient (TangleNAS's macro-space runs); learning rate cosine-annealed
+  from `learning_rate` to `learning_rate_min` over `total_steps` (per step, where the reference anneals per
+  epoch)."""
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1),
                                          alpha=config.learning_rate_min / config.learning_rate)
+  direction = (optax.trace(decay=config.momentum, nesterov=config.nesterov) if config.weight_optimizer == "sgd"
+               else optax.scale_by_adam(b1=0.9, b2=0.995, eps=1e-8))
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.add_decayed_weights(config.weight_decay),
-                   optax.trace(decay=config.momentum, nesterov=config.nesterov), optax.scale_by_learning_rate(schedule))
+                   direction, optax.scale_by_learning_rate(schedule))
   return tx, schedule
 
 
@@ -174,7 +180,7 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
           lambda logits: val_loss(state.weights, logits), has_aux=True)(state.logits)
     updates, strategy_state = strategy.update(grads, state.strategy, state.logits)
     logits = optax.apply_updates(state.logits, updates)
-    metrics = dict(val_loss=val_ce, val_acc=accuracy(out, y_val), arch_grad_norm=optax.global_norm(grads))
+    metrics = dict(val_loss=val_ce, val_acc=accuracy(out, y_val), arch_grad_norm=optax.tree.norm(grads))
     return state._replace(logits=logits, strategy=strategy_state, rest=rest), metrics
 
   return arch_step
@@ -197,7 +203,7 @@ def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tupl
         state.weights, state.rest, mixture, x, y, example_weights, sampler.needs_stats)
     updates, weight_opt = run.weight_tx.update(grads, state.weight_opt, state.weights)
     weights = optax.apply_updates(state.weights, updates)
-    sampler_state, grad_norm = state.sampler, optax.global_norm(grads)
+    sampler_state, grad_norm = state.sampler, optax.tree.norm(grads)
     if sampler.needs_stats:  # per-choice norms of the clipped gradient, the step's own (as PA&DA's code measures)
       clip = jnp.minimum(1.0, run.config.grad_clip / grad_norm)
       norms = {name: norm * clip for name, norm in choice_grad_norms(grads, run.choice_masks, decisions).items()}
@@ -213,12 +219,17 @@ def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tupl
 
 def make_step_fn(run: Run) -> Callable[[SearchState, tuple, tuple], tuple[SearchState, dict]]:
   """The pure (un-jitted) search step `(state, (x, y, ids) train, (x, y) val) -> (state, metrics)`:
-  architecture step on the validation batch (static skip when the strategy does not learn it), then the
-  weight step on the training batch; metrics include `finite`, checked on the host at the log interval."""
+  both batches augmented where the run augments (as DARTS draws them), architecture step on the validation
+  batch (static skip when the strategy does not learn it), then the weight step on the training batch;
+  metrics include `finite`, checked on the host at the log interval."""
   arch_step, weight_step = make_arch_step(run), make_weight_step(run)
 
   def step_fn(state: SearchState, train: tuple, val: tuple) -> tuple[SearchState, dict]:
     key, k_arch, k_weight = jax.random.split(state.key, 3)
+    if run.augmentation is not None:
+      key, k_train, k_val = jax.random.split(key, 3)
+      train = (augment(run.augmentation, k_train, train[0]), *train[1:])
+      val = (augment(run.augmentation, k_val, val[0]), *val[1:])
     metrics = {}
     if run.strategy.learns_arch:  # static per run
       state, metrics = arch_step(state, train, val, k_arch)
@@ -330,7 +341,8 @@ def build_run(config: Config, space: Space | None = None,
   graphdef, arch_template, _, _ = nnx.split(model, ArchParam, nnx.Param, ...)
   run = Run(config, space, graphdef, arch_template, strategy, sampler, weight_tx, schedule, train_iter, val_iter,
             steps_per_epoch, total_steps, Mesh(np.array(devices), (BATCH_AXIS,)),
-            space.choice_masks(model) if sampler.needs_stats else [])
+            space.choice_masks(model) if sampler.needs_stats else [],
+            dataset.augmentation if config.augment else None)
   return run, model
 
 
@@ -446,7 +458,8 @@ def _loop(run: Run, state: SearchState, logger, checkpointer, stop_after_step: i
     pending.append(metrics)
     step += 1
     progress.update(1)
-    if run.train_iter.epoch != epoch:  # the epoch just ended
+    if run.train_iter.epoch != epoch:  # the epoch just ended: stop here if it diverged, before deriving from it
+      _raise_if_diverged(jax.device_get([m["finite"] for m in pending]), step, logger, checkpointer)
       state = state._replace(sampler=_keep_types(run.sampler.on_epoch_end(state.sampler, epoch, config.epochs),
                                                  state.sampler))
       if config.sampler == "gm":
@@ -508,16 +521,7 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
           last_sync: tuple[int, float], probs_fn: Callable) -> dict[str, float]:
   """Fetch the pending metrics (the loop's only host sync), stop on divergence, log their means."""
   values = jax.device_get(pending)
-  first = step - len(values) + 1
-  for i, v in enumerate(values):
-    if not bool(v["finite"]):
-      good = checkpointer.latest_step()
-      logger.log_summary({"diverged_at_step": first + i})
-      raise DivergenceError(
-        f"search diverged at step {first + i}: non-finite loss, gradient or architecture parameters. The last "
-        f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory} "
-        "(for evaluate and rank); start a new run with a lower --learning-rate or --arch-learning-rate "
-        "(--overwrite or another --workdir), or check the data.")
+  _raise_if_diverged([v["finite"] for v in values], step, logger, checkpointer)
   means = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "finite"}
   if run.space.task == "language_model":  # the losses (nats) also in bits per character
     means.update({f"{split}_bits_per_char": bits_per_char(means[f"{split}_loss"]) for split in ("train", "val")
@@ -530,6 +534,20 @@ def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, 
   leaves = gm.active_leaves(state) if run.config.sampler == "gm" else None
   logger.log_arch(step, jax.device_get(probs_fn(state.logits, state.strategy)), run.space.decisions, leaves=leaves)
   return means
+
+
+def _raise_if_diverged(finite: list, step: int, logger, checkpointer) -> None:
+  """Stop with DivergenceError at the first non-finite step of the `finite` flags of the steps up to `step`."""
+  first = step - len(finite) + 1
+  for i, ok in enumerate(finite):
+    if not bool(ok):
+      good = checkpointer.latest_step()
+      logger.log_summary({"diverged_at_step": first + i})
+      raise DivergenceError(
+        f"search diverged at step {first + i}: non-finite loss, gradient or architecture parameters. The last "
+        f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory} "
+        "(for evaluate and rank); start a new run with a lower --learning-rate or --arch-learning-rate "
+        "(--overwrite or another --workdir), or check the data.")
 
 
 def _logged_result(run: Run, state: SearchState, summary: dict[str, Any], workdir: Path) -> SearchResult:

@@ -107,6 +107,31 @@ def test_causal_attention_ignores_the_future(mode):
     assert not np.allclose(att(x, **mixture)[:, 3:], att(changed, **mixture)[:, 3:])
 
 
+@pytest.mark.parametrize("mode", ["we", "ws"])
+def test_attention_dropout_acts_on_the_probabilities_in_training_only(mode):
+  """Rate 1 drops every probability (the output is the projection's bias); eval mode ignores the rate; the
+  extracted layer keeps it."""
+  x, mixture = x_input(), dict(heads=one_hot(1, 3), embed=one_hot(1, 2))
+  plain = attention(mode)
+  dropped = randomize_biases(EntangledAttention(8, 3, head_dim=HEAD_DIM, head_counts=HEADS, embed_widths=EMBEDS,
+                                                dropout=1.0, mode=mode, rngs=nnx.Rngs(0)), 0)
+  bias = (dropped.candidates[1] if mode == "ws" else dropped).proj.bias[...]
+  np.testing.assert_allclose(dropped(x, **mixture), jnp.broadcast_to(bias, x.shape), rtol=1e-6, atol=1e-6)
+  dropped.eval()
+  np.testing.assert_allclose(dropped(x, **mixture), plain(x, **mixture), rtol=1e-5, atol=1e-5)
+  extracted = dropped.extract(heads=1, embed=1)
+  extracted.train()
+  np.testing.assert_allclose(extracted(x), jnp.broadcast_to(bias, x.shape), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_matches_jax_dot_product_attention():
+  """The written-out attention (which takes dropout) equals JAX's own, causal or not."""
+  att, x = attention(causal=True), x_input()
+  q, k, v = (getattr(att, n)(x).reshape(2, 5, 3, HEAD_DIM) for n in ("query", "key", "value"))
+  expected = att.proj(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(2, 5, -1))
+  np.testing.assert_allclose(att(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def erf_gelu(x):
   """PyTorch's nn.GELU(): x * Phi(x), the exact form AutoFormer and nanoGPT use."""
   return 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))

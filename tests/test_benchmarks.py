@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,14 @@ def test_kendall_and_spearman_known_values():
   assert benchmarks.spearman([1, 2, 2, 3], a) == pytest.approx(4.5 / math.sqrt(22.5))
   with pytest.raises(ValueError, match="same length"):
     benchmarks.kendall_tau([1, 2, 3], [1, 2])
+
+
+def test_constant_scores_give_nan_without_a_warning():
+  """An untrained supernet can score every architecture the same: the correlations are undefined."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert math.isnan(benchmarks.kendall_tau([0.1] * 4, [1, 2, 3, 4]))
+    assert math.isnan(benchmarks.spearman([1, 2, 3, 4], [0.5] * 4))
 
 
 def test_top_k_overlap():

@@ -68,7 +68,8 @@ BAD_INPUT = [
   (["--genotype", "x"], "genotype is only read by strategy fixed, not gdas"),
   (["--strategy", "fixed", "--sampler", "uniform", "--genotype", "TOY"], "sampler uniform samples paths"),
   (["--gm-split-epochs", "1"], "gm_split_epochs is only used by sampler gm"),
-  (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2"),
+  (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2, not gdas: pass "
+                               "--mixture softmax"),
   (["--strategy", "drnas", "--drnas-kl-weight", "1"], "with --drnas-kl-weight give --arch-weight-decay 0"),
   (["--strategy", "darts2", "--sampler", "pada"], "darts2 differentiates through a weight step on its own mixture"),
   (["--data-dir", "/nonexistent"], "Fashion-MNIST files"),
@@ -80,6 +81,10 @@ BAD_INPUT = [
   (["--dataset", "synthetic", "--data-dir", "/somewhere"], "dataset synthetic is generated and reads no files"),
   (["--space-option", "channels=-3"], "space option channels of 'toy_cell' must be positive, got -3"),
   (["--space-option", "dropout"], "--space-option takes KEY=VALUE"),
+  (["--space-option", "channels=abc", "--train-limit", "256"], "cannot be built with space options"),
+  (["--space-option", "channels=4", "channels=8", "--train-limit", "256", "--epochs", "1"],
+   "--space-option gives channels more than once"),
+  (["--strategy", "darts2", "--weight-optimizer", "adam"], "darts2's virtual step is DARTS's SGD step"),
   (["--space-option", "input_shape=(32, 32, 3)"], "has inputs of shape (28, 28, 1) but space toy_cell expects"),
   (["--train-limit", "100"], "splits of 100 examples hold 50 and 50, less than one batch of 64"),
   (["--resume"], "nothing to resume in"),
@@ -193,6 +198,13 @@ def test_an_evaluation_keeps_the_earlier_figures_of_the_same_architecture(tmp_pa
                                                   "extracted_test_acc": 0.6, "params": 3}
   commands._record_evaluation(tmp_path, {"genotype": "B", "params": 4})
   assert read_summary(tmp_path)["evaluation"] == {"genotype": "B", "params": 4}
+
+
+def test_undefined_rank_correlations_are_written_as_json_null():
+  """A supernet that scores every architecture the same has no rank correlation: strict JSON has no NaN."""
+  report = {"n": 2, "kendall_tau": float("nan"), "spearman": float("nan"), "top_1_overlap": 0.0, "scores": [1, 1]}
+  assert json.loads(json.dumps(commands.nan_as_null(report)), parse_constant=pytest.fail) == {
+      "n": 2, "kendall_tau": None, "spearman": None, "top_1_overlap": 0.0, "scores": [1, 1]}
 
 
 def test_smoke_replaces_only_the_smoke_run_in_its_default_directory(experiment, tmp_path, monkeypatch, capsys):

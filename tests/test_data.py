@@ -57,6 +57,10 @@ def test_read_idx_rejects_bad_magic_and_truncated_files(tmp_path):
   (tmp_path / "plain.gz").write_bytes(b"not gzip at all")  # a corrupt download
   with pytest.raises(ValueError, match="plain.gz cannot be read as a gzipped IDX file"):
     data.read_idx(tmp_path / "plain.gz")
+  with gzip.open(tmp_path / "header.gz", "wb") as f:  # 3 dimensions promised, one given
+    f.write(b"\x00\x00\x08\x03" + struct.pack(">I", 60000))
+  with pytest.raises(ValueError, match="promises 3 dimensions but the file holds only 8 bytes"):
+    data.read_idx(tmp_path / "header.gz")
   whole = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"ab")
   (tmp_path / "cut.gz").write_bytes(whole[:-6])  # a truncated gzip stream
   with pytest.raises(ValueError, match="cut.gz cannot be read as a gzipped IDX file"):
@@ -141,6 +145,23 @@ def test_cifar10_rejects_a_pickle_of_another_format(tmp_path):
     pickle.dump([1, 2, 3], f)
   with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
     data.load_cifar10(tmp_path)
+
+
+def test_labels_beyond_the_classes_are_refused(tmp_path):
+  write_cifar(tmp_path / "cifar")
+  with open(tmp_path / "cifar" / "test_batch", "wb") as f:
+    pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}, f)
+  with pytest.raises(ValueError, match=r"test_batch: labels must lie in \[0, 10\), got the range \[0, 12\]"):
+    data.load_cifar10(tmp_path / "cifar")
+  (tmp_path / "fm").mkdir()
+  arrays = write_fashion_mnist(tmp_path / "fm")
+  write_idx(tmp_path / "fm" / data.FASHION_MNIST_FILES["test_y"], np.full_like(arrays["test_y"], 10))
+  with pytest.raises(ValueError, match=r"Fashion-MNIST test labels .* got the range \[10, 10\]"):
+    data.load_fashion_mnist(tmp_path / "fm")
+  write_idx(tmp_path / "fm" / data.FASHION_MNIST_FILES["test_y"], arrays["test_y"])
+  write_idx(tmp_path / "fm" / data.FASHION_MNIST_FILES["train_x"], arrays["train_x"].astype(np.int32), 0x0C)
+  with pytest.raises(ValueError, match="are not uint8"):
+    data.load_fashion_mnist(tmp_path / "fm")
 
 
 # --- dispatch and synthetic data ------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def batches(n: int, size: int = 32, split: str = "test"):
 
 
 def test_derive_is_the_argmax_per_decision():
-  logits = {"kernel": jnp.array([0.1, 0.7, -0.2]), "width": jnp.array([0.3, -1.0])}
-  assert evaluate.derive(SPACE, logits).text == "k3_w4"
+  probs = {"kernel": jnp.array([0.1, 0.7, 0.2]), "width": jnp.array([0.8, 0.2])}
+  assert SPACE.derive(probs).text == "k3_w4"
 
 
 def standalone_accuracy(supernet, genotype, eval_batches, recal=None):
@@ -138,19 +138,23 @@ def test_retraining_from_scratch_learns(tmp_path):
   assert "extracted_test_acc" not in result
 
 
-def test_train_network_follows_the_recipe():
-  """One step of SGD(momentum, L2) on a linear-softmax network equals the hand-computed update."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_network_follows_the_recipe(optimizer):
+  """One step of SGD(momentum, L2) or Adam(L2) on a linear-softmax network equals the hand-computed update;
+  the first Adam step, bias-corrected, is lr * d / (|d| + eps) for d = g + wd w."""
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   x = np.array([[1.0, 2.0, -1.0], [0.5, -0.5, 0.0]], np.float32)
   y = np.array([0, 1], np.int32)
   w0, b0 = np.asarray(model.kernel[...]), np.asarray(model.bias[...])
-  recipe = evaluate.TrainRecipe(learning_rate=0.1, momentum=0.9, weight_decay=0.01, batch_size=2, grad_clip=1e9)
+  recipe = evaluate.TrainRecipe(learning_rate=0.1, momentum=0.9, weight_decay=0.01, batch_size=2, grad_clip=None,
+                                optimizer=optimizer)
   evaluate.train_network(model, x, y, recipe, epochs=1)
 
   def loss(w, b):
     logits = jnp.asarray(x) @ w + b[None]
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), y])
 
+  step = (lambda d: d) if optimizer == "sgd" else (lambda d: d / (np.abs(d) + 1e-8))
   gw, gb = jax.grad(loss, argnums=(0, 1))(w0, b0)
-  np.testing.assert_allclose(model.kernel[...], w0 - 0.1 * (gw + 0.01 * w0), rtol=1e-5)
-  np.testing.assert_allclose(model.bias[...], b0 - 0.1 * (gb + 0.01 * b0), rtol=1e-5)
+  np.testing.assert_allclose(model.kernel[...], w0 - 0.1 * step(gw + 0.01 * w0), rtol=1e-5)
+  np.testing.assert_allclose(model.bias[...], b0 - 0.1 * step(gb + 0.01 * b0), rtol=1e-5)

@@ -45,7 +45,8 @@ def test_experiment_loads_validates_and_documents_its_command(path, tmp_path):
   validate(_fake_data(smoke, tmp_path), tmp_path / "run")
   assert (smoke.space, smoke.strategy, smoke.mode, smoke.sampler) == (full.space, full.strategy, full.mode,
                                                                       full.sampler)
-  assert smoke.epochs == 1 and full.epochs > 1
+  assert smoke.epochs == (2 if full.sampler in ("gm", "pada") else 1) and full.epochs > 1
+  assert smoke.gm_split_epochs == ((1,) if full.gm_split_epochs else ())  # smoke runs split too
 
 
 def test_toy_cell_epochs_and_mixtures_follow_tanglenas():
@@ -53,6 +54,9 @@ def test_toy_cell_epochs_and_mixtures_follow_tanglenas():
   assert epochs == {"darts": 50, "drnas": 100, "gdas": 250, "spos": 250}
   assert load_experiment(EXPERIMENTS / "toy_cell_darts_we.py").mixture == "sparsemax"
   assert load_experiment(EXPERIMENTS / "toy_cell_darts_ws.py").mixture == "softmax"
+  # TangleNAS's toy_cell-spos.config trains the weights at 0.01, the others at 0.025
+  assert {s: load_experiment(EXPERIMENTS / f"toy_cell_{s}_we.py").learning_rate for s in ("darts", "spos")} == {
+      "darts": 0.025, "spos": 0.01}
 
 
 SMOKE_RUNS = [p for p in FILES if p.stem.startswith("toy_cell_")]

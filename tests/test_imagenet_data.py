@@ -22,8 +22,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 PER_FILE = 4  # images in each of the 10 train batches and in val_data
 TRAIN_FILES = [f"train_data_batch_{i}" for i in range(1, 11)]
-# ImageNet's per-channel statistics (torchvision's), written out here rather than read from the module.
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+# NAS-Bench-201's per-channel statistics of downsampled ImageNet (its get_datasets), written out here rather
+# than read from the module.
+MEAN, STD = np.array([122.68, 116.66, 104.01]) / 255, np.array([63.22, 61.26, 65.09]) / 255
 
 
 def pattern(index: int, size: int) -> np.ndarray:
@@ -33,10 +34,10 @@ def pattern(index: int, size: int) -> np.ndarray:
 
 
 def write_imagenet(root: Path, size: int, labels: list[list[int]], *, folders: bool = False,
-                   bytes_keys: bool = False) -> None:
+                   bytes_keys: bool = False, npz: bool = False) -> None:
   """The 10 train batches and val_data (labels[0..9] and labels[10]); image i of the whole set is pattern(i).
   `folders`: as unpacked from the downloads (Imagenet{S}_train/, Imagenet{S}_val/); `bytes_keys`: keys as a
-  python-2 pickle read with encoding="bytes" gives them."""
+  python-2 pickle read with encoding="bytes" gives them; `npz`: the downloads' NumPy-archive variant."""
   index = 0
   for file, file_labels in zip([*TRAIN_FILES, "val_data"], labels, strict=True):
     folder = root / (f"Imagenet{size}_{'val' if file == 'val_data' else 'train'}" if folders else "")
@@ -48,6 +49,9 @@ def write_imagenet(root: Path, size: int, labels: list[list[int]], *, folders: b
       batch["mean"] = rows.mean(0)
     if bytes_keys:
       batch = {key.encode(): value for key, value in batch.items()}
+    if npz:
+      np.savez(folder / f"{file}.npz", **batch)
+      continue
     with open(folder / file, "wb") as f:
       pickle.dump(batch, f)
 
@@ -65,10 +69,10 @@ def unnormalize(x: np.ndarray) -> np.ndarray:
   return (x * STD + MEAN) * 255.0
 
 
-@pytest.mark.parametrize("size", [16, 32])
-def test_pixels_come_back_nhwc_with_0_based_labels(tmp_path, size):
+@pytest.mark.parametrize("size, npz", [(16, False), (32, False), (16, True)])
+def test_pixels_come_back_nhwc_with_0_based_labels(tmp_path, size, npz):
   labels = cycling_labels(step=20)
-  write_imagenet(tmp_path, size, labels)
+  write_imagenet(tmp_path, size, labels, npz=npz)
   dataset = data.load_dataset("imagenet", tmp_path)
   n_train = 10 * PER_FILE
   assert dataset.train_x.shape == (n_train, size, size, 3) and dataset.test_x.shape == (PER_FILE, size, size, 3)
@@ -149,7 +153,7 @@ def test_size_and_class_mismatches_with_the_space_fail_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-  (b"\x00\x01 random bytes", "is not a downsampled ImageNet batch: it does not unpickle"),
+  (b"\x00\x01 random bytes", "is not a downsampled ImageNet batch: it does not load"),
   (pickle.dumps([1, 2, 3]), "not a downsampled ImageNet batch \\(a pickled dict"),
   (pickle.dumps({"data": np.zeros((2, 3 * 16 * 16 + 1), np.uint8), "labels": [1, 2]}), "expected uint8 data"),
   (pickle.dumps({"data": np.zeros((2, 3 * 16 * 16), np.float32), "labels": [1, 2]}), "expected uint8 data"),

@@ -72,6 +72,20 @@ def test_one_hot_supernet_is_the_extracted_network(space, supernets, tokens, mod
   assert_prefix_one_hot_matches_extracted(space, supernets[mode], tokens, lambda arch: gpt_params(space, arch))
 
 
+def test_initialization_and_dropout_follow_nanogpt():
+  """std 0.02 everywhere but the residual projections (attention and MLP c_proj): 0.02 / sqrt(2 L); the
+  space's dropout also acts on the attention probabilities."""
+  space = NanoGPTSpace("tiny", dropout=0.1)
+  net = space.supernet(mode="we", rngs=nnx.Rngs(0))
+  residual_std = 0.02 / math.sqrt(2 * space.choices.depth[-1])
+  for block in net.blocks:
+    for layer, std in ((block.attn.query, 0.02), (block.mlp.fc1, 0.02), (block.attn.proj, residual_std),
+                       (block.mlp.fc2, residual_std)):
+      kernel = np.asarray(layer.kernel[...])
+      assert abs(kernel.std() / std - 1) < 0.15, (layer, kernel.std(), std)
+    assert block.attn.attn_dropout.rate == block.dropout.rate == 0.1
+
+
 def test_untied_head_is_extracted_too(space, tokens):
   untied = NanoGPTSpace("tiny", tie_weights=False)
   supernet = untied.supernet(rngs=fast_rngs(1))

@@ -225,6 +225,16 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+def test_an_epoch_that_diverged_logs_no_architecture_derived_from_it(tmp_path):
+  """The epoch end (8 steps) comes before the logging interval: it checks the steps before deriving."""
+  config = TINY.replace(learning_rate=1e30, learning_rate_min=0.0, grad_clip=1e30, log_every=100,
+                        checkpoint_every=100)
+  with pytest.raises(DivergenceError, match=r"diverged at step \d+"):
+    search(config, tmp_path, space=SPACE)
+  assert not [r for r in read_metrics(tmp_path) if "genotype" in r]
+  assert read_summary(tmp_path)["diverged_at_step"] <= 8
+
+
 def test_bad_inputs_fail_with_one_clear_line(tmp_path):
   with pytest.raises(ValueError, match="input_shape|shape"):
     search(TINY.replace(dataset="fashion_mnist", train_limit=64), tmp_path, space=SPACE)
@@ -327,6 +337,33 @@ def test_weight_optimizer_is_pytorch_sgd_with_l2_clipping_and_cosine(nesterov):
     buf = d if buf is None else {k: 0.9 * buf[k] + d[k] for k in d}
     expected = {k: expected[k] - lr * (d[k] + 0.9 * buf[k] if nesterov else buf[k]) for k in d}
     for k in w:
+      np.testing.assert_allclose(w[k], expected[k], rtol=1e-5)
+
+
+def test_adam_weight_optimizer_is_pytorch_adam_with_l2_clipping_and_cosine():
+  """TangleNAS's macro-space optimizer by hand: clip, d = g + wd w, PyTorch's Adam (betas 0.9, 0.995, eps
+  1e-8, bias-corrected) at the cosine learning rate."""
+  config = Config(weight_optimizer="adam", learning_rate=0.1, learning_rate_min=0.01, weight_decay=0.05,
+                  grad_clip=1.0)
+  total = 4
+  tx, _ = search_lib.weight_optimizer(config, total)
+  w = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  # (no gradient cancels weight decay exactly: Adam would scale float32's rounding error up to a full step)
+  grads = [{"a": jnp.array([0.3, 0.7]), "b": jnp.array(-0.2)}, {"a": jnp.array([3.0, -4.0]), "b": jnp.array(0.0)},
+           {"a": jnp.array([-0.1, 0.2]), "b": jnp.array(0.4)}]
+  state, expected = tx.init(w), {k: np.asarray(v, np.float64) for k, v in w.items()}
+  m = {k: 0.0 for k in w}
+  v = {k: 0.0 for k in w}
+  for t, g in enumerate(grads):
+    updates, state = jax.jit(tx.update)(g, state, w)
+    w = optax.apply_updates(w, updates)
+    scale = min(1.0, 1.0 / np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in g.values())))
+    lr = 0.01 + (0.1 - 0.01) * (1 + np.cos(np.pi * t / total)) / 2
+    for k in w:
+      d = scale * np.asarray(g[k], np.float64) + 0.05 * expected[k]
+      m[k], v[k] = 0.9 * m[k] + 0.1 * d, 0.995 * v[k] + 0.005 * d ** 2
+      m_hat, v_hat = m[k] / (1 - 0.9 ** (t + 1)), v[k] / (1 - 0.995 ** (t + 1))
+      expected[k] = expected[k] - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
       np.testing.assert_allclose(w[k], expected[k], rtol=1e-5)
 
 

@@ -39,12 +39,15 @@ class EntangledAttention(nnx.Module):
 
   Args: `num_heads` the largest head count; `head_counts` its candidates (None: only `num_heads`);
   `head_dim` the fixed per-head width (64 in AutoFormer); `embed_widths` the embedding-width candidates;
-  `causal` masks attention to later positions (GPT).
+  `causal` masks attention to later positions (GPT); `dropout` the rate of dropout on the attention
+  probabilities (nanoGPT's `attn_dropout`, AutoFormer's `attn_drop`); `proj_init` the output projection's
+  initializer (None: `kernel_init`; nanoGPT scales its residual projections).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, *, head_dim: int, head_counts: Sequence[int] | None = None,
                embed_widths: Sequence[int] | None = None, causal: bool = False, use_bias: bool = True,
-               mode: str = "we", kernel_init=default_init, rngs: nnx.Rngs):
+               dropout: float = 0.0, mode: str = "we", kernel_init=default_init, proj_init=None,
+               rngs: nnx.Rngs):
     self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
     self.head_counts = sorted_choices(head_counts, num_heads, "head count")
     self.embed_widths = sorted_choices(embed_widths, embed_dim, "embedding width")
@@ -52,19 +55,21 @@ class EntangledAttention(nnx.Module):
     if self.mode == "ws":
       self.candidates = nnx.List([
           EntangledAttention(embed_dim, h, head_dim=head_dim, embed_widths=self.embed_widths, causal=causal,
-                             use_bias=use_bias, kernel_init=kernel_init, rngs=rngs) for h in self.head_counts])
+                             use_bias=use_bias, dropout=dropout, kernel_init=kernel_init, proj_init=proj_init,
+                             rngs=rngs) for h in self.head_counts])
       return
+    self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
     qkv_widths = [h * head_dim for h in self.head_counts]
 
-    def projection(in_features, out_features, in_widths, out_widths) -> EntangledLinear:
+    def projection(in_features, out_features, in_widths, out_widths, init=kernel_init) -> EntangledLinear:
       return EntangledLinear(in_features, out_features, in_widths=in_widths, out_widths=out_widths,
-                             use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
+                             use_bias=use_bias, kernel_init=init, rngs=rngs)
 
     inner = num_heads * head_dim
     self.query = projection(embed_dim, inner, self.embed_widths, qkv_widths)
     self.key = projection(embed_dim, inner, self.embed_widths, qkv_widths)
     self.value = projection(embed_dim, inner, self.embed_widths, qkv_widths)
-    self.proj = projection(inner, embed_dim, qkv_widths, self.embed_widths)
+    self.proj = projection(inner, embed_dim, qkv_widths, self.embed_widths, proj_init or kernel_init)
 
   def __call__(self, x_BTD: jax.Array, *, heads: jax.Array | None = None,
                embed: jax.Array | None = None) -> jax.Array:
@@ -79,7 +84,11 @@ class EntangledAttention(nnx.Module):
     k = self.key(x_BTD, out=heads, in_=embed).reshape(shape_BTNH)
     v = self.value(x_BTD, out=heads, in_=embed).reshape(shape_BTNH)
     # Heads beyond the chosen count have zero query, key and value, so they add exactly zero.
-    y_BTNH = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(self.head_dim).astype(q.dtype)
+    if self.causal:
+      logits_BNTS = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits_BNTS, jnp.finfo(q.dtype).min)
+    probs_BNTS = self.attn_dropout(jax.nn.softmax(logits_BNTS, axis=-1))
+    y_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v)
     return self.proj(y_BTNH.reshape(b, t, -1), out=embed, in_=heads)
 
   def extract(self, *, heads: int | None = None, embed: int | None = None) -> EntangledAttention:
@@ -94,6 +103,7 @@ class EntangledAttention(nnx.Module):
     for name in ("query", "key", "value"):
       setattr(new, name, getattr(self, name).extract(out=hi, in_=ei))
     new.proj = self.proj.extract(out=ei, in_=hi)
+    new.attn_dropout = nnx.Dropout(self.attn_dropout.rate, rngs=nnx.Rngs(0))
     return new
 
   def choice_masks(self, decision: str) -> MaskList:
@@ -133,11 +143,12 @@ class EntangledMLP(nnx.Module):
 
   The hidden width depends on both choices; in `we` its mixture over the distinct hidden widths is the outer
   product of the two mixtures. In `ws` every ratio has its own MLP (the embedding width stays a prefix).
+  `proj_init` initializes fc2 (None: `kernel_init`).
   """
 
   def __init__(self, embed_dim: int, mlp_ratio: float, *, ratios: Sequence[float] | None = None,
                embed_widths: Sequence[int] | None = None, use_bias: bool = True, mode: str = "we",
-               activation: Callable = gelu, kernel_init=default_init, rngs: nnx.Rngs):
+               activation: Callable = gelu, kernel_init=default_init, proj_init=None, rngs: nnx.Rngs):
     self.embed_dim, self.mlp_ratio = embed_dim, mlp_ratio
     self.ratios = sorted_choices(ratios, mlp_ratio, "MLP ratio")
     self.embed_widths = sorted_choices(embed_widths, embed_dim, "embedding width")
@@ -145,14 +156,14 @@ class EntangledMLP(nnx.Module):
     if self.mode == "ws":
       self.candidates = nnx.List([
           EntangledMLP(embed_dim, r, embed_widths=self.embed_widths, use_bias=use_bias, activation=activation,
-                       kernel_init=kernel_init, rngs=rngs) for r in self.ratios])
+                       kernel_init=kernel_init, proj_init=proj_init, rngs=rngs) for r in self.ratios])
       return
     self.hidden_widths = hidden_widths(self.embed_widths, self.ratios)
     hidden = self.hidden_widths[-1]
     self.fc1 = EntangledLinear(embed_dim, hidden, in_widths=self.embed_widths, out_widths=self.hidden_widths,
                                use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
     self.fc2 = EntangledLinear(hidden, embed_dim, in_widths=self.hidden_widths, out_widths=self.embed_widths,
-                               use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
+                               use_bias=use_bias, kernel_init=proj_init or kernel_init, rngs=rngs)
 
   def _hidden_index(self, ei: int, ri: int) -> int:
     return self.hidden_widths.index(int(self.embed_widths[ei] * self.ratios[ri]))
@@ -214,21 +225,25 @@ class EntangledMLP(nnx.Module):
 class TransformerBlock(nnx.Module):
   """Pre-norm transformer block (ViT, GPT-2): x + attn(LN(x)), then x + mlp(LN(x)), dropout on each branch.
 
-  Searchable: embedding width (shared with the rest of the network), head count and MLP ratio.
+  Searchable: embedding width (shared with the rest of the network), head count and MLP ratio. `dropout`
+  acts on each branch's output, `attn_dropout` on the attention probabilities; `proj_init` initializes the
+  two projections back into the residual stream (None: `kernel_init`).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float, *, head_dim: int,
                embed_widths: Sequence[int] | None = None, head_counts: Sequence[int] | None = None,
                mlp_ratios: Sequence[float] | None = None, causal: bool = False, use_bias: bool = True,
-               dropout: float = 0.0, mode: str = "we", kernel_init=default_init, rngs: nnx.Rngs):
+               dropout: float = 0.0, attn_dropout: float = 0.0, mode: str = "we", kernel_init=default_init,
+               proj_init=None, rngs: nnx.Rngs):
     self.embed_widths = sorted_choices(embed_widths, embed_dim, "embedding width")
     self.ln1 = LayerNorm(embed_dim)
     self.attn = EntangledAttention(embed_dim, num_heads, head_dim=head_dim, head_counts=head_counts,
-                                   embed_widths=self.embed_widths, causal=causal, use_bias=use_bias, mode=mode,
-                                   kernel_init=kernel_init, rngs=rngs)
+                                   embed_widths=self.embed_widths, causal=causal, use_bias=use_bias,
+                                   dropout=attn_dropout, mode=mode, kernel_init=kernel_init, proj_init=proj_init,
+                                   rngs=rngs)
     self.ln2 = LayerNorm(embed_dim)
     self.mlp = EntangledMLP(embed_dim, mlp_ratio, ratios=mlp_ratios, embed_widths=self.embed_widths,
-                            use_bias=use_bias, mode=mode, kernel_init=kernel_init, rngs=rngs)
+                            use_bias=use_bias, mode=mode, kernel_init=kernel_init, proj_init=proj_init, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x_BTD: jax.Array, *, embed: jax.Array | None = None, heads: jax.Array | None = None,

@@ -65,11 +65,13 @@ def run_blocks(blocks: Sequence[TransformerBlock], x: jax.Array, mixture, depths
 
 
 def make_blocks(c: TransformerChoices, *, causal: bool, use_bias: bool, dropout: float, mode: str, kernel_init,
-                rngs: nnx.Rngs) -> nnx.List:
+                rngs: nnx.Rngs, attn_dropout: float = 0.0, proj_init=None) -> nnx.List:
+  """The deepest choice's blocks (see `TransformerBlock` for the arguments)."""
   return nnx.List([
       TransformerBlock(c.embed[-1], c.heads[-1], c.mlp_ratio[-1], head_dim=c.head_dim, embed_widths=c.embed,
                        head_counts=c.heads, mlp_ratios=c.mlp_ratio, causal=causal, use_bias=use_bias,
-                       dropout=dropout, mode=mode, kernel_init=kernel_init, rngs=rngs)
+                       dropout=dropout, attn_dropout=attn_dropout, mode=mode, kernel_init=kernel_init,
+                       proj_init=proj_init, rngs=rngs)
       for _ in range(c.depth[-1])])
 
 

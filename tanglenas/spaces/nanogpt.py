@@ -14,15 +14,17 @@ Input: int tokens [B, T] with T <= block_size; output logits [B, T, vocab]. Data
 file cut into windows, `tanglenas.data.load_text_dataset`, e.g. Tiny Shakespeare) or "synthetic_text".
 `language_model_metrics` gives the loss and bits per character.
 Presets: "paper" (vocab 65 as Tiny Shakespeare, block 256, dropout 0.2) and "tiny" (tests, CPU).
-Not reproduced from nanoGPT: dropout on the attention probabilities (dropout acts on the embeddings and each
-residual branch), the scaled 0.02 / sqrt(2 L) initialization of the residual projections (all weights use
-std 0.02), and its training script's `bias=False` (here `use_bias=True` by default; layer norms keep a bias).
+As nanoGPT: dropout on the embeddings, each residual branch and the attention probabilities; weights drawn
+with std 0.02, the residual projections (attention and MLP c_proj) with 0.02 / sqrt(2 L) for the deepest
+choice's L layers. Not reproduced: its training script's `bias=False` (here `use_bias=True` by default, as
+nanoGPT's model; layer norms keep a bias).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -37,6 +39,11 @@ from tanglenas.spaces.base import ChoiceMask, Genotype
 gpt_init = nnx.initializers.normal(0.02)  # nanoGPT
 
 
+def residual_init(layers: int):
+  """nanoGPT's (GPT-2's) initializer of the projections back into the residual stream."""
+  return nnx.initializers.normal(0.02 / np.sqrt(2 * layers))
+
+
 class GPT(nnx.Module):
   """The nanoGPT supernet, or (after `extract`) the standalone GPT of one genotype."""
 
@@ -47,8 +54,10 @@ class GPT(nnx.Module):
     self.wte = EntangledEmbed(vocab_size, width, widths=c.embed, embedding_init=gpt_init, rngs=rngs)
     self.wpe = EntangledEmbed(block_size, width, widths=c.embed, embedding_init=gpt_init, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.blocks = make_blocks(c, causal=True, use_bias=use_bias, dropout=dropout, mode=mode, kernel_init=gpt_init,
-                              rngs=rngs)
+    # nanoGPT: dropout on the attention probabilities too, and the residual projections (attention and MLP
+    # c_proj) drawn with std 0.02 / sqrt(2 L), L the (deepest) number of layers, as GPT-2.
+    self.blocks = make_blocks(c, causal=True, use_bias=use_bias, dropout=dropout, attn_dropout=dropout, mode=mode,
+                              kernel_init=gpt_init, proj_init=residual_init(c.depth[-1]), rngs=rngs)
     self.ln_f = LayerNorm(width)
     self.lm_head = None if tie_weights else EntangledLinear(width, vocab_size, in_widths=c.embed, use_bias=False,
                                                             kernel_init=gpt_init, rngs=rngs)
