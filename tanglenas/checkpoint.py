@@ -12,6 +12,7 @@ loses only the steps since its last checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,14 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None when there is none."""
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    """Steps of complete checkpoints: folders orbax finished (it writes their metadata last), not a step
+    folder made or emptied by hand."""
+    return sorted(step for step in self._manager.all_steps()
+                  if (self.directory / str(step) / "_CHECKPOINT_METADATA").is_file())
 
   def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """`(state, host, step)` of checkpoint `step` (default: the newest).
@@ -66,17 +71,38 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}; start without --resume")
-    if step not in self._manager.all_steps():
+    if step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; saved steps: {self.all_steps()}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore())
     try:
       restored = self._manager.restore(step, args=args)
+      state, host = restored.state, restored.host
     except ValueError as e:  # orbax checks structure and shapes against the target
-      reason = str(e).splitlines()[0]
+      reason = str(e).splitlines()[0] if str(e) else ""
+      # tensorstore's read errors are ValueErrors too, prefixed by their status code ("NOT_FOUND: ...")
+      if re.match(r"[A-Z][A-Z_]+: ", reason) or not self._structure_readable(step):
+        raise self._damaged(step, e) from None
       raise RunError(f"checkpoint of step {step} does not fit the state ({reason}); resume with the "
-                       "configuration the run was started with") from None
-    return restored.state, dict(restored.host), step
+                     "configuration the run was started with") from None
+    except Exception as e:  # orbax and tensorstore report missing or damaged files in many exception types
+      raise self._damaged(step, e) from None
+    return state, dict(host), step
+
+  def _structure_readable(self, step: int) -> bool:
+    """Whether the checkpoint's own record of its structure reads (a mismatch with the target is then real)."""
+    try:
+      json.loads((self.directory / str(step) / "state" / "_METADATA").read_text())
+    except (OSError, ValueError):
+      return False
+    return True
+
+  def _damaged(self, step: int, error: Exception) -> RunError:
+    older = [s for s in self.all_steps() if s < step]
+    fallback = f"; delete it to fall back to step {older[-1]}" if older else ""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return RunError(f"checkpoint {self.directory / str(step)} is damaged and cannot be read ({reason[:200]})"
+                    f"{fallback}")
 
   def close(self) -> None:
     self._manager.close()

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import tyro
@@ -94,11 +95,22 @@ def _run_dir_command(subparsers, name: str, text: str) -> argparse.ArgumentParse
 
 
 def _parse_search(config_file: str, smoke: bool, args: Sequence[str]) -> SearchCommand:
-  """The experiment file's Config (loaded first: it gives the defaults) overridden by the command line."""
+  """The experiment file's Config (loaded first: it gives the defaults) overridden by the command line. With
+  --resume, the configuration the run was started with gives the defaults instead, so that only the options
+  given now can differ from it."""
   if not config_file and not {"-h", "--help"} & set(args):
     raise ValueError("search needs an experiment: --config experiments/<name>.py")
   experiment = load_experiment(config_file, smoke=smoke) if config_file else Config()
-  default = SearchCommand(config=config_file, smoke=smoke, run=experiment)
+  command = _parse_search_with(SearchCommand(config=config_file, smoke=smoke, run=experiment), args)
+  if command.resume:
+    path = command.workdir or commands.default_workdir(config_file, command.run.seed, smoke=smoke)
+    if (Path(path) / "config.json").is_file():
+      saved = commands.load_run_config(path)
+      command = _parse_search_with(SearchCommand(config=config_file, smoke=smoke, run=saved), args)
+  return command
+
+
+def _parse_search_with(default: SearchCommand, args: Sequence[str]) -> SearchCommand:
   captured = io.StringIO()
   try:
     with contextlib.redirect_stderr(captured):

@@ -47,8 +47,9 @@ def prepare_search(config: Config, experiment_file: str, *, workdir: str = "", s
   validate(config, path)
   if resume and overwrite:
     raise ValueError("--resume continues the run in the run directory, --overwrite replaces it: choose one")
-  holds_run = (path / "config.json").exists()
-  if resume and not holds_run:
+  # A run's files, or only its checkpoints (its config.json lost): either is replaced only with --overwrite.
+  holds_run = (path / "config.json").exists() or any(p.name.isdigit() for p in (path / "checkpoints").glob("*"))
+  if resume and not (path / "config.json").exists():
     raise FileNotFoundError(f"nothing to resume in {path} (no config.json): drop --resume to start a new run, "
                             "or pass the --workdir of an earlier run")
   saved = load_run_config(path) if resume else None
@@ -196,23 +197,17 @@ def load_supernet(run_dir: str | Path, config: Config | None = None, dataset=Non
   return run, supernet_of(run, state)
 
 
-def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int, dataset=None) -> dict:
-  """Score benchmark architectures by the run's supernet (one-hot validation accuracy, on the run's
-  `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more) against `table`.
-  With gradient matching, each architecture is scored on the leaf whose choices hold it (few-shot NAS). The
-  report names the checkpoint's step and whether the search had finished."""
-  from tanglenas.benchmarks import ranking_report
+def path_scorer(run, state) -> Callable:
+  """`score(genotype) -> float`: the one-hot validation accuracy of an architecture on a search's supernet, on
+  the run's `spos_eval_batches` batches, batch norm recalibrated on `spos_recalibrate_batches` more. With
+  gradient matching, each architecture is scored on the leaf whose choices hold it (few-shot NAS)."""
   from tanglenas.evaluate import SupernetScorer, scoring_batches
   from tanglenas.samplers import gm
   from tanglenas.search import supernet_of
 
-  run, state = load_search_state(run_dir, config, dataset)
-  keys = table.keys()
-  if len(keys) > architectures:
-    keys = [keys[i] for i in np.random.default_rng(config.seed).choice(len(keys), architectures, replace=False)]
-  eval_batches, recalibration = scoring_batches(config, run.val_iter)
+  eval_batches, recalibration = scoring_batches(run.config, run.val_iter)
   leaves = ([(allowed, supernet) for _, allowed, supernet in gm.leaf_supernets(run, state)]
-            if config.sampler == "gm" else [(None, supernet_of(run, state))])
+            if run.config.sampler == "gm" else [(None, supernet_of(run, state))])
   scorers = [(allowed, SupernetScorer(run.space, supernet, eval_batches, recalibration_batches=recalibration))
              for allowed, supernet in leaves]
 
@@ -221,9 +216,22 @@ def rank_architectures(run_dir: str | Path, config: Config, table, *, architectu
     holding = [scorer for allowed, scorer in scorers
                if allowed is None or all(allowed[name][i] for name, i in choices.items())]
     if not holding:
-      raise RunError(f"no leaf of {run_dir} holds {genotype}: is the checkpoint from before the search's splits?")
+      raise RunError(f"no leaf of the search holds {genotype}: is the checkpoint from before its splits?")
     return holding[0](genotype)
 
+  return score
+
+
+def rank_architectures(run_dir: str | Path, config: Config, table, *, architectures: int, dataset=None) -> dict:
+  """Score benchmark architectures by the run's supernet (`path_scorer`) against `table`. The report names the
+  checkpoint's step and whether the search had finished."""
+  from tanglenas.benchmarks import ranking_report
+
+  run, state = load_search_state(run_dir, config, dataset)
+  keys = table.keys()
+  if len(keys) > architectures:
+    keys = [keys[i] for i in np.random.default_rng(config.seed).choice(len(keys), architectures, replace=False)]
+  score = path_scorer(run, state)
   scores = {key: score(run.space.parse(key)) for key in keys}
   return {"genotypes": keys, "scores": list(scores.values()), "accuracies": [table.accuracy(k) for k in keys],
           "score_name": "supernet one-hot validation accuracy", "step": int(state.step),

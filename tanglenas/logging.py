@@ -188,6 +188,9 @@ def _start_wandb(workdir: Path, config: dict[str, Any], mode: str, project: str,
   id_file.write_text(run_id)
   settings = wandb.Settings(silent=True, console="off", save_code=False, disable_git=True,
                             x_disable_stats=True, x_disable_machine_info=True)
+  # The process-wide setup decides whether wandb's own telemetry probes its server; without the mode there, an
+  # offline run would still look the server up.
+  wandb.setup(settings=wandb.Settings(mode=mode))
   return wandb.init(dir=str(workdir), mode=mode, project=project, config=config, id=run_id,
                     name=workdir.name, resume="allow" if mode == "online" else None, settings=settings)
 

@@ -66,15 +66,24 @@ def arch_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
   figure, axes = _panels(len(decisions), width=4.5, height=2.2)
   for ax, (decision, choices) in zip(axes, decisions.items()):
     names = list(choices)
-    steps = choices[names[0]][0]
-    half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5  # columns centred on steps
-    image = ax.imshow(np.stack([choices[c][1] for c in names]), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
-                      interpolation="nearest", extent=(steps[0] - half, steps[-1] + half, len(names) - 0.5, -0.5))
+    image = ax.pcolormesh(_column_edges(choices[names[0]][0]), np.arange(len(names) + 1) - 0.5,
+                          np.stack([choices[c][1] for c in names]), vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set(title=decision, yticks=range(len(names)), yticklabels=names)
+    ax.invert_yaxis()  # the first choice on top
     ax.tick_params(axis="y", labelsize="x-small")
   figure.colorbar(image, ax=list(axes), label="probability", shrink=0.8)
   figure.supxlabel("step")
   return figure
+
+
+def _column_edges(steps: Sequence[int]) -> np.ndarray:
+  """Edges of heatmap columns centred on the logged steps, which need not be evenly spaced (a resume may
+  change the logging interval; the last step may fall between intervals)."""
+  steps = np.asarray(steps, np.float64)
+  if len(steps) == 1:
+    return np.array([steps[0] - 0.5, steps[0] + 0.5])
+  middles = (steps[1:] + steps[:-1]) / 2
+  return np.concatenate([[2 * steps[0] - middles[0]], middles, [2 * steps[-1] - middles[-1]]])
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:

@@ -546,7 +546,7 @@ def _raise_if_diverged(finite: list, step: int, logger, checkpointer) -> None:
       raise DivergenceError(
         f"search diverged at step {first + i}: non-finite loss, gradient or architecture parameters. The last "
         f"good checkpoint is {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory} "
-        "(for evaluate and rank); start a new run with a lower --learning-rate or --arch-learning-rate "
+        "(tanglenas rank scores its supernet); start a new run with a lower --learning-rate or --arch-learning-rate "
         "(--overwrite or another --workdir), or check the data.")
 
 

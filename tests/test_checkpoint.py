@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from flax import nnx
 
 from tanglenas.checkpoint import Checkpointer
+from tanglenas.errors import RunError
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -78,6 +80,30 @@ def test_bad_restores_fail_clearly(tmp_path):
     ckpt.save(0, {"w": jnp.zeros((2, 3))})
     with pytest.raises(ValueError, match="does not fit"):
       ckpt.restore({"w": jnp.zeros((3, 3))})
+
+
+@pytest.mark.parametrize("damage", ["state data deleted", "host deleted", "state metadata overwritten"])
+def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path, damage):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(4, _state(4), {"step": 4})
+    ckpt.save(8, _state(8), {"step": 8})
+  step_dir = tmp_path / "8"
+  if damage == "state data deleted":
+    for data in step_dir.glob("state/**/d"):  # the array chunks
+      shutil.rmtree(data)
+  elif damage == "host deleted":
+    shutil.rmtree(step_dir / "host")
+  else:
+    (step_dir / "state" / "_METADATA").write_text("{")
+  (tmp_path / "10").mkdir()  # a step folder made by hand holds no checkpoint
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [4, 8]
+    with pytest.raises(RunError, match=f"checkpoint {step_dir} is damaged and cannot be read .*; delete it to fall "
+                                       "back to step 4"):
+      ckpt.restore(_state(0))
+    state, host, step = ckpt.restore(_state(0), step=4)
+  assert step == 4 and host == {"step": 4}
+  _assert_same(state, _state(4))
 
 
 def test_leftover_temporary_folder_of_a_crashed_save_is_ignored(tmp_path):

@@ -139,6 +139,11 @@ def test_an_existing_run_is_resumed_or_replaced_only_on_request(experiment, tmp_
   assert (workdir / "checkpoints" / "7").exists()
   commands.prepare_search(config, experiment, workdir=str(workdir), overwrite=True)
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  (workdir / "checkpoints" / "7").mkdir(parents=True)  # checkpoints whose config.json was lost
+  with pytest.raises(ValueError, match="already holds a run"):
+    commands.prepare_search(config, experiment, workdir=str(workdir))
+  commands.prepare_search(config, experiment, workdir=str(workdir), overwrite=True)
+  assert not (workdir / "checkpoints").exists()
 
 
 def test_a_run_is_resumed_only_with_its_own_configuration(experiment, tmp_path):
@@ -152,6 +157,17 @@ def test_a_run_is_resumed_only_with_its_own_configuration(experiment, tmp_path):
     commands.prepare_search(changed, experiment, workdir=str(workdir), resume=True)
   commands.prepare_search(config.replace(log_every=3, quiet=True, eval_epochs=5), experiment, workdir=str(workdir),
                           resume=True)
+
+
+def test_resume_takes_the_runs_own_configuration_as_its_defaults(experiment, tmp_path):
+  """`--resume` needs no option repeated: the saved configuration gives the defaults, and only options given
+  now differ from it (and are then checked as changes)."""
+  saved = load_experiment(experiment).replace(epochs=2, train_limit=256, seed=3, space_options={"channels": 4})
+  workdir = str(_existing_run(tmp_path / "run", saved))
+  assert cli._parse_search(experiment, False, ["--workdir", workdir, "--resume"]).run == saved
+  command = cli._parse_search(experiment, False, ["--workdir", workdir, "--resume", "--log-every", "7"])
+  assert command.run == saved.replace(log_every=7)
+  assert cli._parse_search(experiment, False, ["--workdir", workdir]).run == load_experiment(experiment)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,18 @@ def test_missing_run_directory_and_bad_mode_fail_clearly(tmp_path):
     read_config(tmp_path)
   with pytest.raises(ValueError, match="unknown wandb mode"):
     RunLogger(tmp_path, CONFIG, wandb_mode="cloud")
+
+
+def test_wandb_offline_turns_off_wandbs_own_telemetry(tmp_path):
+  """wandb probes its server for telemetry unless the process-wide setup is offline: an offline run must set
+  it (checked in a fresh process, where no other test has set wandb up)."""
+  script = (f"from tanglenas.logging import RunLogger; from tanglenas.config import Config\n"
+            f"with RunLogger({str(tmp_path)!r}, Config(), wandb_mode='offline'): pass\n"
+            "from wandb.analytics.opentelemetry import opentelemetry_proxy\n"
+            "print('telemetry', opentelemetry_proxy.get_open_telemetry_proxy())")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "telemetry None" in out.stdout
 
 
 def test_wandb_offline_writes_under_the_workdir(tmp_path, monkeypatch):

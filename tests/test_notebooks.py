@@ -26,5 +26,6 @@ def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-  errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
-  assert not errors
+  outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert [o for o in outputs if "image/png" in o.get("data", {})], "its figures must render in Jupyter"

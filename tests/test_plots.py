@@ -66,23 +66,35 @@ def test_arch_heatmap_holds_each_decisions_probabilities_per_logged_step(tmp_pat
   _synthetic_run(tmp_path)
   records = read_metrics(tmp_path)
   heatmap = plots.arch_heatmap_figure(records)
-  panels = [ax for ax in heatmap.axes if ax.images]
+  panels = [ax for ax in heatmap.axes if ax.get_title()]  # (not the colorbar)
   assert [ax.get_title() for ax in panels] == [d.name for d in DECISIONS]
   for ax, decision in zip(panels, DECISIONS):
     logged = np.array([[r[f"arch/{decision.name}/{c}"] for r in records if f"arch/{decision.name}/{c}" in r]
                        for c in decision.choices])
-    np.testing.assert_allclose(ax.images[0].get_array(), logged)
+    np.testing.assert_allclose(ax.collections[0].get_array(), logged)
     assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in decision.choices]
+
+
+def column_edges(heatmap) -> np.ndarray:
+  return heatmap.axes[0].collections[0].get_coordinates()[0, :, 0]
+
+
+def test_arch_heatmap_columns_centre_on_unevenly_logged_steps(tmp_path):
+  """A resume may change the logging interval: columns sit at their steps, edges halfway between."""
+  with RunLogger(tmp_path, Config(wandb_mode="disabled")) as logger:
+    for step in (4, 8, 12, 100):
+      logger.log_arch(step, {d.name: np.full(d.size, 1.0 / d.size) for d in DECISIONS}, DECISIONS)
+  np.testing.assert_allclose(column_edges(plots.arch_heatmap_figure(read_metrics(tmp_path))), [2, 6, 10, 56, 144])
 
 
 def test_arch_heatmap_of_a_single_logged_step_is_one_column_centred_on_it(tmp_path):
   with RunLogger(tmp_path, Config(wandb_mode="disabled")) as logger:
     logger.log_arch(40, {d.name: np.full(d.size, 1.0 / d.size) for d in DECISIONS}, DECISIONS)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")  # a zero-width image would warn (singular x limits) and draw nothing
+    warnings.simplefilter("error")  # a zero-width column would warn (singular x limits) and draw nothing
     heatmap = plots.arch_heatmap_figure(read_metrics(tmp_path))
     heatmap.canvas.draw()
-  left, right, _, _ = heatmap.axes[0].images[0].get_extent()
+  left, right = column_edges(heatmap)
   assert (left + right) / 2 == 40 and right > left
 
 
