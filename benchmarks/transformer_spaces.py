@@ -8,11 +8,11 @@ Run: `python benchmarks/transformer_spaces.py [--spaces autoformer mobilenetv3 n
   supernet) none. Milliseconds are medians over `repeats` rounds after warm-up, supernet and standalone
   timed round-robin so that machine noise hits both alike; compare the ratios (../shared/PERFORMANCE.md).
 - memory: XLA's temporary buffers of the compiled step (`memory_analysis().temp_size_in_bytes`).
-Sizes (default: tiny and larger): "tiny" is each space's tiny preset; "larger" its paper preset on small
-inputs (AutoFormer-T on 16x16 images, 17 tokens; MobileNetV3 at 32x32; nanoGPT with 32-token blocks; batch
-2); "full" the paper preset as far as two CPU cores allow (AutoFormer-T at 32x32, batch 4; MobileNetV3 at
-64x64, not 224x224; nanoGPT with 64-token blocks, not 256). The default run takes about 2 minutes on two shared CPU cores: two
-thirds XLA compiling the steps (the supernet's and the subnet's compiled in parallel), a quarter building the
+Sizes (default: tiny and larger): "tiny" is each space's tiny preset; "larger" its paper preset on small inputs
+(AutoFormer-T on 16x16 images, 17 tokens; MobileNetV3 at 32x32; nanoGPT with 32-token blocks; batch 2); "full"
+the paper preset as far as two CPU cores allow (AutoFormer-T at 32x32, batch 4; MobileNetV3 at 64x64, not
+224x224; nanoGPT with 64-token blocks, not 256). The default run takes about 2 minutes on two shared CPU cores:
+two thirds XLA compiling the steps (the supernet's and the subnet's compiled in parallel), a quarter building the
 supernets eagerly; the model depth, not the input size, sets both, and MobileNetV3's 20 blocks cost the
 most. Its depthwise convs default here to `lax` (XLA's convolution, as `auto` picks on accelerators), which
 compiles ~2.5x faster on CPU than `auto`'s shifted slices but steps slower there and needs more temporary

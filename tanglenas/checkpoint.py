@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ class Checkpointer:
 
     A step is saved once: in a deterministic run the state at one step is always the same.
     """
-    if step in self._manager.all_steps():
+    if step in self.all_steps():
       return False
+    if step in self._manager.all_steps():  # an incomplete folder of this step (see `all_steps`): replaced
+      shutil.rmtree(self.directory / str(step))
+      self._manager.reload()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(_jsonable(host or {})))
     self._manager.save(step, args=args)
     self._manager.wait_until_finished()

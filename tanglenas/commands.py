@@ -165,6 +165,7 @@ def prepare_plot(run_dir: str) -> Callable[[], None]:
 def load_run_config(run_dir: str | Path) -> Config:
   """The Config a run was started with (its `config.json`), with JSON lists turned back into tuples."""
   values = read_config(run_dir)
+  values.setdefault("augment", False)  # a run saved before augmentation existed did not augment
   hints = typing.get_type_hints(Config)
   for field in dataclasses.fields(Config):
     if typing.get_origin(hints[field.name]) is tuple and field.name in values:
@@ -287,7 +288,12 @@ def _summary_entry(run_dir: str | Path, key: str):
 
 
 def _latest_checkpoint(run_dir: str) -> None:
-  steps = sorted(p for p in Path(run_dir, "checkpoints").glob("[0-9]*") if p.name.isdigit())
+  from tanglenas.checkpoint import Checkpointer
+
+  if not Path(run_dir, "checkpoints").is_dir():
+    raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
+  with Checkpointer(Path(run_dir, "checkpoints")) as checkpointer:
+    steps = checkpointer.all_steps()
   if not steps:
     raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
 

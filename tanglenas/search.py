@@ -221,7 +221,7 @@ def make_step_fn(run: Run) -> Callable[[SearchState, tuple, tuple], tuple[Search
   """The pure (un-jitted) search step `(state, (x, y, ids) train, (x, y) val) -> (state, metrics)`:
   both batches augmented where the run augments (as DARTS draws them), architecture step on the validation
   batch (static skip when the strategy does not learn it), then the weight step on the training batch;
-  metrics include `finite`, checked on the host at the log interval."""
+  metrics include `finite`, checked on the host at the log interval and at each epoch end."""
   arch_step, weight_step = make_arch_step(run), make_weight_step(run)
 
   def step_fn(state: SearchState, train: tuple, val: tuple) -> tuple[SearchState, dict]:
@@ -388,7 +388,7 @@ def search(config: Config, workdir: str | Path, *, resume: bool = False, space: 
     stop_after_step: stop (with a checkpoint) once this many steps are done, e.g. to split a long run.
 
   Raises:
-    DivergenceError: a non-finite loss or architecture appeared (detected at the logging interval).
+    DivergenceError: a non-finite loss or architecture appeared (detected at the logging interval or an epoch end).
   """
   from tanglenas.checkpoint import Checkpointer
   from tanglenas.logging import RunLogger
@@ -519,7 +519,8 @@ def _keep_types(new: Any, old: Any) -> Any:
 
 def _sync(run: Run, state: SearchState, pending: list[dict], step: int, logger, checkpointer,
           last_sync: tuple[int, float], probs_fn: Callable) -> dict[str, float]:
-  """Fetch the pending metrics (the loop's only host sync), stop on divergence, log their means."""
+  """Fetch the pending metrics (the loop's host sync at the logging interval), stop on divergence, log their
+  means."""
   values = jax.device_get(pending)
   _raise_if_diverged([v["finite"] for v in values], step, logger, checkpointer)
   means = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "finite"}

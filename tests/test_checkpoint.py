@@ -82,6 +82,7 @@ def test_bad_restores_fail_clearly(tmp_path):
       ckpt.restore({"w": jnp.zeros((3, 3))})
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop, after the failure
 @pytest.mark.parametrize("damage", ["state data deleted", "host deleted", "state metadata overwritten"])
 def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path, damage):
   with Checkpointer(tmp_path) as ckpt:
@@ -102,6 +103,8 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path, d
                                        "back to step 4"):
       ckpt.restore(_state(0))
     state, host, step = ckpt.restore(_state(0), step=4)
+    assert ckpt.save(10, _state(10), {"step": 10})  # the run reaching step 10 saves it over the empty folder
+    assert ckpt.latest_step() == 10
   assert step == 4 and host == {"step": 4}
   _assert_same(state, _state(4))
 

@@ -170,6 +170,13 @@ def test_resume_takes_the_runs_own_configuration_as_its_defaults(experiment, tmp
   assert cli._parse_search(experiment, False, ["--workdir", workdir]).run == load_experiment(experiment)
 
 
+def test_a_run_saved_before_augmentation_existed_resumes_without_it(experiment, tmp_path):
+  values = dataclasses.asdict(load_experiment(experiment))
+  del values["augment"]
+  (tmp_path / "config.json").write_text(json.dumps(values))
+  assert commands.load_run_config(tmp_path) == load_experiment(experiment).replace(augment=False)
+
+
 @pytest.mark.parametrize("change, message", [
   (dict(train_limit=100), "less than one batch"),
   (dict(space_options={"impl": "fast"}), "space toy_cell cannot be built with space options {'impl': 'fast'}"),

@@ -10,6 +10,7 @@ import pytest
 from tanglenas import cli
 from tanglenas.config import Config, load_experiment, validate
 from tanglenas.logging import read_summary
+from tanglenas.search import check_dataset, load_dataset
 from tanglenas.spaces import get_space
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
@@ -46,6 +47,9 @@ def test_experiment_loads_validates_and_documents_its_command(path, tmp_path):
   assert (smoke.space, smoke.strategy, smoke.mode, smoke.sampler) == (full.space, full.strategy, full.mode,
                                                                       full.sampler)
   assert smoke.epochs == (2 if full.sampler in ("gm", "pada") else 1) and full.epochs > 1
+  if smoke.dataset.startswith("synthetic"):  # the smoke data must feed the search (splits, scoring batches)
+    space = get_space(smoke.space, **smoke.space_options)
+    check_dataset(smoke, space, load_dataset(smoke, space))
   assert smoke.gm_split_epochs == ((1,) if full.gm_split_epochs else ())  # smoke runs split too
 
 

@@ -439,6 +439,7 @@ def test_config_rules():
     gm.gm_sampler(TINY.replace(epochs=9, gm_split_epochs=(2, 1)), TINY_SPACE)
 
 
+@pytest.mark.slow  # 45 s; the tiny space's GM searches cover the loop in the default suite
 def test_toy_cell_search_with_gm(tmp_path):
   """Fashion-MNIST slice, channels 4: one split after the first epoch, DARTS leaves."""
   config = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epochs=2, batch_size=16,

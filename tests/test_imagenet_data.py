@@ -173,6 +173,7 @@ def test_one_size_per_folder(tmp_path):
     data.load_dataset("imagenet", tmp_path)
 
 
+@pytest.mark.slow  # 16 s building MobileNetV3; the loaders' tests cover the data in the default suite
 def test_mobilenetv3_run_builds_on_imagenet32(tmp_path):
   write_imagenet(tmp_path, 32, cycling_labels(step=20))
   config = Config(space="mobilenetv3", space_options={"preset": "tiny", "impl": "lax", "num_classes": 1000},

@@ -299,8 +299,10 @@ TOY = Config(space_options={"channels": 4, "impl": "lax"}, train_limit=96, epoch
              wandb_mode="disabled", quiet=True, spos_eval_batches=2, spos_candidates=3)
 
 
-@pytest.mark.parametrize("strategy", ["darts", pytest.param("darts2", marks=pytest.mark.slow),  # 35 s of compiling
-                                      "drnas", "gdas", "spos"])
+# darts in the default suite; the others (15-35 s of compiling each) in the slow one, as the tiny space's
+# test_strategy_smoke covers every strategy's loop by default.
+@pytest.mark.parametrize("strategy", ["darts", *(pytest.param(s, marks=pytest.mark.slow)
+                                                 for s in ("darts2", "drnas", "gdas", "spos"))])
 def test_toy_cell_search_smoke(tmp_path, strategy):
   """Every strategy end to end on a Fashion-MNIST slice, channels 4, with the lax convolution (it compiles ~2x
   faster than the shifted slices, which tests/test_conv.py checks equal to it)."""
