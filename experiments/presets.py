@@ -44,8 +44,9 @@ def experiment(space: str, strategy: str, *, smoke: bool, **settings: Any) -> Co
   options = {**config.space_options, **preset.get("space_options", {})}
   epochs = 2 if config.sampler in ("gm", "pada") else SMOKE_RUN["epochs"]
   split_epochs = (1,) if config.gm_split_epochs else ()
+  warmup = 1 if config.arch_warmup_epochs else 0  # (two epochs at most: the architecture learns in the second)
   return config.replace(**{**SMOKE_RUN, **preset, "epochs": epochs, "space_options": options,
-                           "gm_split_epochs": split_epochs})
+                           "gm_split_epochs": split_epochs, "arch_warmup_epochs": warmup})
 
 
 def toy_cell(strategy: str, mode: str, *, smoke: bool) -> Config:
@@ -71,6 +72,7 @@ PADA_NB201 = dict(epochs=250, learning_rate=0.05, learning_rate_min=0.0, nestero
 # DARTS's SGD, plain momentum, weight decay 3e-4.
 GM_DARTS = dict(epochs=50, nesterov=False, weight_decay=3e-4, sampler="gm", gm_split_epochs=(15, 30))
 # The authors' GM + DARTS (2nd order) command on NAS-Bench-201 (WS-GM/README: ws-so-darts-201.sh --split_ckpts
-# 15,30 --projection_warmup_epoch 30 --fs_opt 1): 30 + 30 epochs, --fs_opt's Nesterov SGD, batch 48, weight
-# decay 5e-4.
-GM_NB201 = dict(epochs=60, nesterov=True, batch_size=48, weight_decay=5e-4, sampler="gm", gm_split_epochs=(15, 30))
+# 15,30 --projection_warmup_epoch 30 --fs_opt 1 --restart final): 30 + 30 epochs, --fs_opt's Nesterov SGD,
+# batch 48, weight decay 5e-4, the architecture fixed until the last split.
+GM_NB201 = dict(epochs=60, nesterov=True, batch_size=48, weight_decay=5e-4, sampler="gm", gm_split_epochs=(15, 30),
+                arch_warmup_epochs=30)

@@ -15,7 +15,9 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import difflib
 import io
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,7 +142,7 @@ def _space_option(item: str) -> tuple[str, Scalar]:
 
 def _boxed_message(text: str) -> str:
   """tyro's boxed error (UTF-8 box, or plain rules when stdout is not UTF-8) as one line: the message and,
-  for a misspelt option, the first suggestion."""
+  for a misspelt option, the closest suggestion."""
   lines = []  # [title, message..., "Perhaps you meant:", suggestions..., "For full helptext, run ..."]
   for line in text.splitlines():
     line = line.strip().strip("│|").strip()
@@ -151,5 +153,8 @@ def _boxed_message(text: str) -> str:
   ends = [i for i, line in enumerate(lines) if line.startswith(("Perhaps you meant", "For full helptext"))]
   message = " ".join(" ".join(lines[1:ends[0] if ends else None]).split()) or lines[0]
   suggestions = [line.split()[0] for line in lines[ends[0]:ends[-1]] if line.startswith("--")] if ends else []
+  given = re.match(r"Unrecognized options?: (--[\w-]+)", message)
+  if given and suggestions:  # tyro lists every option holding the word; the closest spelling first
+    suggestions.sort(key=lambda option: -difflib.SequenceMatcher(None, given.group(1), option).ratio())
   hint = f"; did you mean {suggestions[0]}?" if suggestions else ""
   return message + hint + " (see tanglenas search --config FILE --help)"

@@ -50,6 +50,7 @@ class Config:
   arch_beta1: float = 0.5
   arch_beta2: float = 0.999
   arch_weight_decay: float = 1e-3
+  arch_warmup_epochs: int = 0  # the architecture stays fixed this many epochs while the weights train
   mixture: Literal["softmax", "sparsemax"] = "softmax"  # darts/darts2 mixture function
   drnas_kl_weight: float = 0.0  # DrNAS KL regularizer toward the uniform Dirichlet (off as in TangleNAS)
   gdas_tau_max: float = 10.0  # GDAS temperature, annealed linearly to `gdas_tau_min` over the search
@@ -206,6 +207,12 @@ def _check_combinations(config: Config, space: Any) -> None:
   if config.strategy == "darts2" and config.sampler in ("uniform", "pada"):
     raise ValueError(f"darts2 differentiates through a weight step on its own mixture, but sampler {config.sampler} "
                      "trains sampled paths: use --sampler none or gm, or strategy darts")
+  if config.arch_warmup_epochs and config.strategy in ("spos", "fixed"):
+    raise ValueError(f"arch_warmup_epochs delays the architecture step, but strategy {config.strategy} has none: "
+                     "drop --arch-warmup-epochs")
+  if not 0 <= config.arch_warmup_epochs < config.epochs:
+    raise ValueError(f"arch_warmup_epochs must lie in [0, epochs) = [0, {config.epochs}), got "
+                     f"{config.arch_warmup_epochs}")
   if config.pada_importance_weights and config.sampler != "pada":
     raise ValueError(f"pada_importance_weights is only used by sampler pada, not {config.sampler}")
   if config.gm_split_epochs:

@@ -186,6 +186,22 @@ def make_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array],
   return arch_step
 
 
+def make_frozen_arch_step(run: Run) -> Callable[[SearchState, tuple, tuple, jax.Array], tuple[SearchState, dict]]:
+  """The architecture step of a warm-up epoch (`arch_warmup_epochs`): the state unchanged, as if no step were
+  taken, and the validation loss and accuracy it would have been taken at (architecture gradient norm 0)."""
+  forward = make_forward(run.graphdef, run.arch_template)
+
+  def frozen_arch_step(state: SearchState, train: tuple, val: tuple, key: jax.Array) -> tuple[SearchState, dict]:
+    del train
+    x_val, y_val = val
+    k_val, _ = jax.random.split(key)
+    mixture = run.strategy.mixture(state.logits, state.strategy, k_val)
+    loss, (_, out, _) = forward(state.weights, state.rest, mixture, x_val, y_val)
+    return state, dict(val_loss=loss, val_acc=accuracy(out, y_val), arch_grad_norm=jnp.zeros((), loss.dtype))
+
+  return frozen_arch_step
+
+
 def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tuple[SearchState, dict]]:
   """The weight half of a step, `(state, train, key) -> (state, metrics)`: one optimizer step on the training
   loss of the sampler's path (or the strategy's mixture), and the sampler's update from the step's stats."""
@@ -220,9 +236,15 @@ def make_weight_step(run: Run) -> Callable[[SearchState, tuple, jax.Array], tupl
 def make_step_fn(run: Run) -> Callable[[SearchState, tuple, tuple], tuple[SearchState, dict]]:
   """The pure (un-jitted) search step `(state, (x, y, ids) train, (x, y) val) -> (state, metrics)`:
   both batches augmented where the run augments (as DARTS draws them), architecture step on the validation
-  batch (static skip when the strategy does not learn it), then the weight step on the training batch;
+  batch (static skip when the strategy does not learn it; frozen during `arch_warmup_epochs`), then the weight
+  step on the training batch;
   metrics include `finite`, checked on the host at the log interval and at each epoch end."""
   arch_step, weight_step = make_arch_step(run), make_weight_step(run)
+  warmup_steps = run.config.arch_warmup_epochs * run.steps_per_epoch
+  if warmup_steps:  # one compiled step: before `warmup_steps` the architecture step is the frozen one
+    frozen_arch_step, learning_arch_step = make_frozen_arch_step(run), arch_step
+    arch_step = lambda state, *args: jax.lax.cond(state.step >= warmup_steps, learning_arch_step, frozen_arch_step,
+                                                  state, *args)
 
   def step_fn(state: SearchState, train: tuple, val: tuple) -> tuple[SearchState, dict]:
     key, k_arch, k_weight = jax.random.split(state.key, 3)

@@ -68,6 +68,8 @@ BAD_INPUT = [
   (["--genotype", "x"], "genotype is only read by strategy fixed, not gdas"),
   (["--strategy", "fixed", "--sampler", "uniform", "--genotype", "TOY"], "sampler uniform samples paths"),
   (["--gm-split-epochs", "1"], "gm_split_epochs is only used by sampler gm"),
+  (["--strategy", "spos", "--arch-warmup-epochs", "1"], "strategy spos has none: drop --arch-warmup-epochs"),
+  (["--epochs", "2", "--arch-warmup-epochs", "2"], "arch_warmup_epochs must lie in [0, epochs) = [0, 2), got 2"),
   (["--mixture", "sparsemax"], "mixture sparsemax is only used by strategies darts and darts2, not gdas: pass "
                                "--mixture softmax"),
   (["--strategy", "drnas", "--drnas-kl-weight", "1"], "with --drnas-kl-weight give --arch-weight-decay 0"),

@@ -225,6 +225,21 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+@pytest.mark.parametrize("strategy", ["darts", "gdas"])
+def test_architecture_warmup_keeps_the_architecture_until_its_epochs_end(tmp_path, strategy):
+  """During `arch_warmup_epochs` (1 here: 8 steps) the architecture and the strategy's state (GDAS's
+  temperature) stay as initialized while the validation loss is still measured; then they learn; one
+  compiled step serves both phases."""
+  result = search(TINY.replace(strategy=strategy, arch_warmup_epochs=1), tmp_path, space=SPACE)
+  assert result.metrics["step_traces"] == 1
+  logged = read_metrics(tmp_path)
+  means = {r["step"]: r for r in logged if "arch_grad_norm" in r}
+  arch = lambda step: {k: v for r in logged if r["step"] == step for k, v in r.items() if k.startswith("arch/")}
+  assert means[4]["arch_grad_norm"] == means[8]["arch_grad_norm"] == 0.0 < means[12]["arch_grad_norm"]
+  assert means[8]["val_loss"] > 0
+  assert arch(4) and arch(4) == arch(8) != arch(12)
+
+
 def test_an_epoch_that_diverged_logs_no_architecture_derived_from_it(tmp_path):
   """The epoch end (8 steps) comes before the logging interval: it checks the steps before deriving."""
   config = TINY.replace(learning_rate=1e30, learning_rate_min=0.0, grad_clip=1e30, log_every=100,
