@@ -72,11 +72,12 @@ class Checkpointer:
     `target_state` is a state of the same structure, shapes and dtypes (e.g. a freshly initialized one);
     the restored state has its exact pytree structure (NamedTuples, nnx.State, typed keys).
     """
-    step = self.latest_step() if step is None else step
+    steps = self.all_steps()
+    step = (steps[-1] if steps else None) if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}; start without --resume")
-    if step not in self.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; saved steps: {self.all_steps()}")
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; saved steps: {steps}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore())
     try:

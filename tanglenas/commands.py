@@ -290,10 +290,10 @@ def _summary_entry(run_dir: str | Path, key: str):
 def _latest_checkpoint(run_dir: str) -> None:
   from tanglenas.checkpoint import Checkpointer
 
-  if not Path(run_dir, "checkpoints").is_dir():
-    raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
-  with Checkpointer(Path(run_dir, "checkpoints")) as checkpointer:
-    steps = checkpointer.all_steps()
+  directory, steps = Path(run_dir, "checkpoints"), []
+  if directory.is_dir():  # (a Checkpointer would create it)
+    with Checkpointer(directory) as checkpointer:
+      steps = checkpointer.all_steps()
   if not steps:
     raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the search saved none yet")
 

@@ -278,7 +278,7 @@ class TrainRecipe(NamedTuple):
   batch_size: int
   grad_clip: float | None = 5.0  # global norm; None: no clipping
   cosine: bool = False  # anneal the learning rate to 0 over the training (constant otherwise)
-  optimizer: str = "sgd"  # or "adam"
+  optimizer: str = "sgd"  # or "adam" (`search.pytorch_optimizer`)
 
 
 # How the tabular benchmarks trained their architectures, so that a retrained accuracy compares with the table:
@@ -299,11 +299,11 @@ def train_network(model: nnx.Module, x: np.ndarray, y: np.ndarray, recipe: Train
   `augmentation` when given; returns it (eval mode)."""
   iterator = data_lib.BatchIterator(x, y, batch_size=min(recipe.batch_size, len(x)), seed=seed)
   total = max(epochs * iterator.steps_per_epoch, 1)
+  from tanglenas.search import pytorch_optimizer
+
   lr = optax.cosine_decay_schedule(recipe.learning_rate, total) if recipe.cosine else recipe.learning_rate
-  direction = (optax.scale_by_adam(b1=0.9, b2=0.995) if recipe.optimizer == "adam"
-               else optax.trace(decay=recipe.momentum))
-  tx = optax.chain(optax.identity() if recipe.grad_clip is None else optax.clip_by_global_norm(recipe.grad_clip),
-                   optax.add_decayed_weights(recipe.weight_decay), direction, optax.scale_by_learning_rate(lr))
+  tx = pytorch_optimizer(recipe.optimizer, lr, momentum=recipe.momentum, nesterov=False,
+                         weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip)
   model.train()
   graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(weights)

@@ -111,11 +111,20 @@ def weight_optimizer(config: Config, total_steps: int) -> tuple[optax.GradientTr
   epoch)."""
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1),
                                          alpha=config.learning_rate_min / config.learning_rate)
-  direction = (optax.trace(decay=config.momentum, nesterov=config.nesterov) if config.weight_optimizer == "sgd"
-               else optax.scale_by_adam(b1=0.9, b2=0.995, eps=1e-8))
-  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.add_decayed_weights(config.weight_decay),
-                   direction, optax.scale_by_learning_rate(schedule))
+  tx = pytorch_optimizer(config.weight_optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
+                         weight_decay=config.weight_decay, grad_clip=config.grad_clip)
   return tx, schedule
+
+
+def pytorch_optimizer(name: str, learning_rate: float | optax.Schedule, *, momentum: float, nesterov: bool,
+                      weight_decay: float, grad_clip: float | None) -> optax.GradientTransformation:
+  """PyTorch's SGD ("sgd": momentum, Nesterov or plain) or Adam ("adam": betas 0.9, 0.995 as TangleNAS's),
+  each with L2 weight decay added to the gradient after clipping its global norm (None: no clipping), as the
+  reference code trains its supernets and its benchmarks' networks."""
+  direction = (optax.trace(decay=momentum, nesterov=nesterov) if name == "sgd"
+               else optax.scale_by_adam(b1=0.9, b2=0.995, eps=1e-8))
+  return optax.chain(optax.identity() if grad_clip is None else optax.clip_by_global_norm(grad_clip),
+                     optax.add_decayed_weights(weight_decay), direction, optax.scale_by_learning_rate(learning_rate))
 
 
 def virtual_weight_step(config: Config, schedule: optax.Schedule) -> Callable:
@@ -237,8 +246,8 @@ def make_step_fn(run: Run) -> Callable[[SearchState, tuple, tuple], tuple[Search
   """The pure (un-jitted) search step `(state, (x, y, ids) train, (x, y) val) -> (state, metrics)`:
   both batches augmented where the run augments (as DARTS draws them), architecture step on the validation
   batch (static skip when the strategy does not learn it; frozen during `arch_warmup_epochs`), then the weight
-  step on the training batch;
-  metrics include `finite`, checked on the host at the log interval and at each epoch end."""
+  step on the training batch; metrics include `finite`, checked on the host at the log interval and at each
+  epoch end."""
   arch_step, weight_step = make_arch_step(run), make_weight_step(run)
   warmup_steps = run.config.arch_warmup_epochs * run.steps_per_epoch
   if warmup_steps:  # one compiled step: before `warmup_steps` the architecture step is the frozen one
